@@ -1,0 +1,32 @@
+"""The policy protocol: what the pipelines need from a tabular policy and a causal-LM policy alike."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One sampled response. ``logp`` is log π(y|x) summed over response tokens when the sampler
+    computed it on the way (saves a forward pass), else None."""
+
+    text: str
+    n_tokens: int
+    finish_reason: str  # "stop" (end of sequence) or "length" (hit max new tokens)
+    logp: float | None = None
+
+
+@runtime_checkable
+class Policy(Protocol):
+    def sample(self, prompts: list[str], k: int, *, seed: int) -> list[list[Sample]]:
+        """k responses for each prompt, reproducible for a given seed."""
+        ...
+
+    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
+        """log π(response | prompt), summed over response tokens, for aligned lists."""
+        ...
+
+    def save(self, path: str) -> None:
+        """Write this version to a local folder (complete when this returns)."""
+        ...
