@@ -38,6 +38,7 @@ class Judgment:
     cost_usd: float = 0.0
     error: str | None = None
     detail: dict = field(default_factory=dict)  # oracle-specific raw answers; no secrets
+    skipped: bool = False  # not judged at all (e.g. budget exhausted): not stored, asked again later
 
     def row(self, oracle_id: str, round: int) -> dict:
         """The comparisons-table row for this judgment."""

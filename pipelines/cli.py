@@ -1,0 +1,168 @@
+"""The ``nashflow`` command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="Nash learning from human feedback as scheduled, inspectable Prefect rounds.", no_args_is_help=True, add_completion=False)
+console = Console(stderr=True)
+
+
+def _quiet_prefect() -> None:
+    """Keep a local run's terminal for nashflow's own progress; everything is in the Prefect UI/API."""
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def _run_campaign(config) -> None:
+    _quiet_prefect()
+    from data import Store
+    from pipelines import stages
+    from pipelines.flows import alignment_campaign
+    from pipelines.progress import Reporter, reporting
+
+    class Progress(Reporter):
+        def __init__(self):
+            self.t0 = time.perf_counter()
+
+        def round_started(self, round, total):
+            console.print(f"[bold]round {round}/{total}[/bold]", end=" ")
+
+        def stage(self, round, stage):
+            console.print(stage, end=" ", style="dim")
+
+        def round_finished(self, round, metrics):
+            keys = [k for k in ("eval/duality_gap", "eval/kl_to_nash", "eval/win_rate_vs_ref", "pref/judged_now") if k in metrics]
+            console.print("→ " + ", ".join(f"{k.split('/')[1]} {metrics[k]:.4g}" for k in keys) + f"  [{time.perf_counter() - self.t0:.0f} s]")
+
+    console.print(f"campaign [bold]{config.name}[/bold]: {config.rounds} rounds of {config.solver.algorithm}, store {config.store}")
+    with reporting(Progress()):
+        alignment_campaign(config)
+    console.print()
+    store = Store(config.store)
+    _print_rounds(stages.rounds_table(store))
+    from pipelines.artifacts import PLOT
+
+    if store.exists(PLOT):
+        console.print(f"plot: {store.path(PLOT)}")
+
+
+def _print_rounds(table) -> None:
+    if table.empty:
+        console.print("no finished rounds in this store")
+        return
+    cols = [c for c in table.columns if c in ("round", "solver") or c.startswith(("eval/", "pref/judged_now", "pref/abstained", "cost/", "perf/"))]
+    out = Table(*cols, title="rounds")
+    for row in table[cols].itertuples(index=False):
+        out.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row])
+    Console().print(out)
+
+
+def _fail(message: str) -> None:
+    console.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(2)
+
+
+@app.command()
+def run(
+    config: Annotated[str, typer.Argument(help="campaign config (YAML)")],
+    store: Annotated[Optional[str], typer.Option(help="override the config's store")] = None,
+    rounds: Annotated[Optional[int], typer.Option(help="override the config's number of rounds")] = None,
+):
+    """Run a campaign from a YAML config (finished rounds in its store are skipped)."""
+    from pipelines.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(config, store=store, rounds=rounds)
+    except ConfigError as e:
+        _fail(str(e))
+    _run_campaign(cfg)
+
+
+@app.command()
+def demo(store: Annotated[str, typer.Option(help="where the demo's store goes")] = "nashflow-demo"):
+    """Run the default campaign (Nash-MP on small intransitive games), about a minute on a laptop."""
+    from pipelines.config import default_config_path, load_config
+
+    _run_campaign(load_config(default_config_path(), store=store))
+
+
+@app.command()
+def status(store: Annotated[str, typer.Argument(help="a campaign's store (folder or URI)")]):
+    """Show a store's finished rounds and their metrics."""
+    from data import Store, StoreError
+    from pipelines.stages import rounds_table
+
+    try:
+        _print_rounds(rounds_table(Store(store)))
+    except StoreError as e:
+        _fail(str(e))
+
+
+@app.command()
+def solve(
+    game: Annotated[str, typer.Option(help="'cyclic', 'random', or a .npy preference matrix")] = "random",
+    n: Annotated[int, typer.Option(help="number of responses of a generated game")] = 100,
+    seed: Annotated[int, typer.Option(help="seed of a random game")] = 0,
+    beta: Annotated[float, typer.Option(help="KL regularization")] = 0.1,
+    algorithm: Annotated[str, typer.Option(help="nash_mp, egpo, inpo, mnpo, nash_md, onpo or sppo")] = "nash_mp",
+    iterations: Annotated[int, typer.Option(help="iterations to run")] = 50,
+    eta: Annotated[Optional[float], typer.Option(help="step size (default: the algorithm's)")] = None,
+    every: Annotated[int, typer.Option(help="print every k-th iteration")] = 10,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object on stdout")] = False,
+):
+    """Run an exact tabular solver on a game: KL to the equilibrium and duality gap per iteration."""
+    import numpy as np
+
+    from oracles.games import GameError, load_game, make_game
+    from solvers import tabular
+
+    try:
+        P = load_game(game) if game.endswith(".npy") else make_game(game, n, seed)
+        sol = tabular.solve(P, np.full(len(P), 1 / len(P)), beta, algorithm, iterations, eta)
+    except (GameError, ValueError) as e:
+        _fail(str(e))
+    mu = np.full(len(P), 1 / len(P))
+    eq = tabular.regularized_nash(P, mu, beta)
+    policies = sol.average if algorithm == "sppo" else sol.policies
+    rows = [
+        {"iteration": t, "kl_to_nash": tabular.kl(eq.pi, policies[t]), "duality_gap": tabular.duality_gap(policies[t], P, mu, beta)}
+        for t in range(iterations + 1)
+    ]
+    if as_json:
+        print(json.dumps({"game": game, "n": len(P), "beta": beta, "algorithm": algorithm, "eta": sol.params.eta, "nash_residual": eq.residual, "iterations": rows}))
+        return
+    out = Table("iteration", "KL(π*‖π)", "duality gap", title=f"{algorithm} on {game} n={len(P)}, β={beta}, η={sol.params.eta:.4g}")
+    for r in rows:
+        if r["iteration"] % every == 0 or r["iteration"] == iterations:
+            out.add_row(str(r["iteration"]), f"{r['kl_to_nash']:.3e}", f"{r['duality_gap']:.3e}")
+    Console().print(out)
+
+
+@app.command()
+def export(
+    store: Annotated[str, typer.Argument(help="a campaign's store")],
+    dest: Annotated[str, typer.Argument(help="output file, .parquet or .jsonl")],
+    include_ties: Annotated[bool, typer.Option(help="keep pairs judged exactly ½")] = False,
+):
+    """Export judged pairs as prompt/chosen/rejected (TRL style) with the preference probability."""
+    from data import Store, StoreError
+    from data.export import export_preferences
+
+    try:
+        n = export_preferences(Store(store), dest, include_ties=include_ties)
+    except StoreError as e:
+        _fail(str(e))
+    console.print(f"wrote {n} pairs to {dest}")
+
+
+if __name__ == "__main__":
+    sys.exit(app())

@@ -1,0 +1,193 @@
+"""The stages of a round as plain functions over the store. Each first reads what the store already
+holds and does only what is missing, so a crashed round resumes by running it again."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+
+import numpy as np
+import pandas as pd
+
+from data import Store, prompt_id, response_id
+from data.keys import stable_hash
+from oracles.protocol import Pair
+from pipelines.components import (
+    World,
+    has_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    solver_params,
+    version,
+)
+from pipelines.config import CampaignConfig
+from solvers import tabular
+from solvers.tabular_policy import Judged
+
+
+def register_prompts(store: Store, world: World) -> int:
+    return len(store.write("prompts", world.prompt_rows()))
+
+
+def sample_responses(store: Store, policy, prompts: list[str], *, round: int, policy_version: str, k: int, seed: int) -> dict:
+    """k responses per prompt from ``policy``, written with their log-probs. Prompts that already have
+    this version's responses in this round are not sampled again."""
+    done = set(store.read("responses", rounds=[round], columns=["prompt_id", "policy_version"]).query("policy_version == @policy_version")["prompt_id"])
+    todo = [p for p in prompts if prompt_id(p) not in done]
+    if not todo:
+        return {"sampled": 0, "already_stored": len(prompts) * k}
+    samples = policy.sample(todo, k, seed=int(stable_hash(seed, round, policy_version, length=4), 16))
+    responses, logprobs = [], []
+    for prompt, group in zip(todo, samples):
+        pid = prompt_id(prompt)
+        for slot, s in enumerate(group):
+            rid = response_id(pid, policy_version, round, slot)
+            responses.append(dict(response_id=rid, round=round, policy_version=policy_version, prompt_id=pid, text=s.text, n_tokens=s.n_tokens, finish_reason=s.finish_reason))
+            if s.logp is not None:
+                logprobs.append(dict(response_id=rid, policy_version=policy_version, round=round, logp=s.logp))
+    store.write("responses", responses)
+    if logprobs:
+        store.write("logprobs", logprobs)
+    return {"sampled": len(responses), "already_stored": len(done) * k}
+
+
+def pair_responses(store: Store, *, round: int, policy_version: str, strategy: str, skip_identical: bool, seed: int) -> list[Pair]:
+    """Ordered pairs among each prompt's responses of one version and round. Deterministic (sorted by
+    id, seeded), so recomputing them after a crash gives the same pairs and the same comparison keys."""
+    resp = store.read("responses", rounds=[round])
+    resp = resp[resp["policy_version"] == policy_version].sort_values("response_id")
+    prompts = store.read("prompts").set_index("prompt_id")["prompt"]
+    rng = np.random.default_rng(int(stable_hash(seed, round, policy_version, "pairs", length=4), 16))
+    pairs = []
+    for pid, group in resp.groupby("prompt_id", sort=True):
+        rows = list(group[["response_id", "text"]].itertuples(index=False))
+        for i in range(len(rows)):
+            for j in range(i + 1, len(rows)):
+                (ai, at), (bi, bt) = rows[i], rows[j]
+                if skip_identical and at == bt:
+                    continue
+                if strategy == "both_orders":
+                    pairs += [Pair(pid, prompts[pid], ai, at, bi, bt), Pair(pid, prompts[pid], bi, bt, ai, at)]
+                elif rng.random() < 0.5:
+                    pairs.append(Pair(pid, prompts[pid], ai, at, bi, bt))
+                else:
+                    pairs.append(Pair(pid, prompts[pid], bi, bt, ai, at))
+    return pairs
+
+
+def judge_pairs(store: Store, oracle, pairs: list[Pair], *, round: int, chunk_size: int = 512, on_chunk=None) -> dict:
+    """Ask the oracle about the pairs it has not judged yet (the store is the cache) and store each
+    chunk as soon as it is answered, so an interruption loses at most one chunk."""
+    from data.keys import comparison_id
+
+    stored = {k[0] for k in store.keys("comparisons")}
+    todo = [p for p in pairs if comparison_id(p.prompt_id, p.a_id, p.b_id, oracle.oracle_id) not in stored]
+    judgments, skipped = [], 0
+    for start in range(0, len(todo), chunk_size):
+        answered = oracle.judge(todo[start : start + chunk_size])
+        final = [j for j in answered if not j.skipped]
+        skipped += len(answered) - len(final)
+        store.write("comparisons", [j.row(oracle.oracle_id, round) for j in final])
+        judgments += final
+        if on_chunk:
+            on_chunk(start + len(answered), len(todo))
+    summary = {
+        "pref/pairs": len(pairs),
+        "pref/judged_now": len(judgments),
+        "pref/cached": len(pairs) - len(todo),
+        "pref/skipped": skipped,
+        "pref/abstained": sum(j.p_a is None for j in judgments),
+        "cost/usd": float(sum(j.cost_usd for j in judgments)),
+    }
+    if hasattr(oracle, "metrics"):
+        summary.update(oracle.metrics(judgments))
+    return summary
+
+
+def judged_pairs(store: Store, *, oracle_ids: set[str], up_to_round: int) -> list[Judged]:
+    """Every stored judgment of the campaign's oracles up to a round, with texts, for the solver.
+    Solvers read only the comparisons table: never a scalar score per response."""
+    comps = store.read("comparisons", rounds=range(0, up_to_round + 1))
+    comps = comps[comps["oracle_id"].isin(oracle_ids) & comps["p_a"].notna()]
+    if comps.empty:
+        return []
+    texts = store.read("responses", columns=["response_id", "text"]).set_index("response_id")["text"]
+    prompts = store.read("prompts").set_index("prompt_id")["prompt"]
+    return [
+        Judged(prompts[r.prompt_id], texts[r.a_id], texts[r.b_id], float(r.p_a), int(r.n_votes))
+        for r in comps.itertuples(index=False)
+    ]
+
+
+def update_policy(store: Store, config: CampaignConfig, world: World, *, round: int, phase: str, oracle_ids: set[str]) -> dict:
+    """The solver's step on the accumulated judgments; writes the new version's checkpoint."""
+    new = version(round, phase)
+    if has_checkpoint(store, new):
+        return {"version": new, "already_stored": True}
+    anchor = load_checkpoint(store, version(round - 1), config, world)
+    midpoint = load_checkpoint(store, version(round, "midpoint"), config, world) if phase == "update" and config.solver.algorithm in tabular.TWO_PHASE else None
+    judged = judged_pairs(store, oracle_ids=oracle_ids, up_to_round=round)
+    policy = anchor.update(judged, solver_params(config), phase, midpoint)
+    path = save_checkpoint(store, new, policy)
+    return {"version": new, "checkpoint": path, "judged_pairs_used": len(judged)}
+
+
+def ground_truth_metrics(policy, world: World, config: CampaignConfig, round: int) -> dict:
+    """How far the policy is from the regularized Nash equilibrium of each prompt's true game, next to
+    the exact solver after the same number of iterations (the best the stochastic update can do)."""
+    beta, params = config.solver.beta, solver_params(config)
+    rows = defaultdict(list)
+    for prompt, P in world.games.items():
+        pi, mu = policy.distribution(prompt), policy.reference(prompt)
+        star = tabular.regularized_nash(P, mu, beta).pi
+        exact = tabular.solve(P, mu, beta, params.algorithm, round, params.eta, history=params.history, weights=params.weights, schedule=params.schedule)
+        exact_pi = exact.average[-1] if params.algorithm == "sppo" else exact.last
+        rows["eval/duality_gap"].append(tabular.duality_gap(pi, P, mu, beta))
+        rows["eval/duality_gap_exact_solver"].append(tabular.duality_gap(exact_pi, P, mu, beta))
+        rows["eval/exploitability"].append(tabular.duality_gap(pi, P))
+        rows["eval/kl_to_nash"].append(tabular.kl(star, pi))
+        rows["eval/win_rate_vs_ref"].append(float(pi @ P @ mu))
+    return {k: float(np.mean(v)) for k, v in rows.items()}
+
+
+def evaluate_policy(store: Store, config: CampaignConfig, world: World, *, round: int, stage_metrics: dict, timings: dict) -> dict:
+    """Metrics of the round's new policy; writes the round's row (a repeated write adds nothing)."""
+    policy = load_checkpoint(store, version(round), config, world)
+    metrics = {**stage_metrics, **ground_truth_metrics(policy, world, config, round)}
+    row = {
+        "round": round,
+        "policy_version": version(round),
+        "checkpoint": store.path(f"checkpoints/{version(round)}"),
+        "solver": config.solver.algorithm,
+        "metrics": json.dumps(metrics, sort_keys=True),
+        "timings": json.dumps(timings, sort_keys=True),
+    }
+    store.write("rounds", [row])
+    return metrics
+
+
+def rounds_table(store: Store) -> pd.DataFrame:
+    """One row per finished round with its metrics as columns."""
+    rounds = store.read("rounds").sort_values("round")
+    if rounds.empty:
+        return pd.DataFrame()
+    metrics = pd.DataFrame([json.loads(m) for m in rounds["metrics"]], index=rounds.index)
+    seconds = pd.Series([sum(json.loads(t).values()) for t in rounds["timings"]], index=rounds.index, name="perf/seconds")
+    return pd.concat([rounds[["round", "policy_version", "solver"]], metrics, seconds], axis=1).reset_index(drop=True)
+
+
+class Stopwatch:
+    """Seconds per stage, for the round's timings: ``with watch("judge"): ...``."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
