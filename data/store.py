@@ -123,7 +123,8 @@ class Store:
         parts = []
         for path, rnd in self._files(spec, rounds):
             try:
-                t = pq.read_table(path, filesystem=self.fs)
+                with self.fs.open_input_file(path) as f:
+                    t = pq.read_table(f)
             except (pa.ArrowInvalid, OSError) as e:
                 raise StoreError(f"{path}: unreadable Parquet file in table {spec.name!r} ({e})") from e
             if not t.schema.equals(spec.file_schema, check_metadata=False):
@@ -217,23 +218,29 @@ def _table(name: str) -> Table:
 
 
 def _to_arrow(spec: Table, rows: Rows) -> pa.Table:
+    """Columns as given. In a DataFrame NaN means missing (the pandas convention); in a list of
+    dicts None is missing and NaN is a value, which validation then refuses."""
     if isinstance(rows, pa.Table):
-        df = rows.to_pandas()
-    elif isinstance(rows, pd.DataFrame):
-        df = rows
+        rows = rows.to_pandas()
+    from_pandas = isinstance(rows, pd.DataFrame)
+    if from_pandas:
+        names, n = list(rows.columns), len(rows)
+        column = lambda name: list(rows[name])  # noqa: E731
     else:
-        df = pd.DataFrame(list(rows))
-    missing = [f.name for f in spec.schema if f.name not in df.columns and not f.nullable]
+        rows = list(rows)
+        names, n = list(dict.fromkeys(k for r in rows for k in r)), len(rows)
+        column = lambda name: [r.get(name) for r in rows]  # noqa: E731
+    missing = [f.name for f in spec.schema if f.name not in names and not f.nullable]
     if missing:
         raise StoreError(f"{spec.name}: missing required column(s) {missing}")
-    extra = [c for c in df.columns if c not in spec.schema.names]
+    extra = [c for c in names if c not in spec.schema.names]
     if extra:
         raise StoreError(f"{spec.name}: unknown column(s) {extra}; the table has {spec.schema.names}")
     columns = {}
     for field in spec.schema:
-        values = df[field.name] if field.name in df.columns else [None] * len(df)
+        values = column(field.name) if field.name in names else [None] * n
         try:
-            arr = pa.array(list(values), type=field.type, from_pandas=True)
+            arr = pa.array(values, type=field.type, from_pandas=from_pandas)
         except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError) as e:
             raise StoreError(f"{spec.name}.{field.name}: values do not fit type {field.type} ({e})") from None
         if not field.nullable and arr.null_count:

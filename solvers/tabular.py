@@ -154,14 +154,14 @@ class Params:
             if len(self.weights) != self.history or min(self.weights) < 0 or sum(self.weights) <= 0:
                 raise ValueError(f"mnpo: weights must be {self.history} non-negative numbers with a positive sum, got {self.weights}")
             if not 0 < self.rho <= 1:
-                raise ValueError(f"mnpo: ρ = β·η = {self.rho} must lie in (0, 1]; lower eta")
+                raise ValueError(f"mnpo: ρ = β/η = {self.rho} must lie in (0, 1]; raise eta")
         if self.schedule not in ("constant", "decay"):
             raise ValueError(f"schedule must be 'constant' or 'decay', got {self.schedule!r}")
 
     @property
     def rho(self) -> float:
-        """MNPO's ρ: its fixed point is π* with β = ρη."""
-        return self.beta * self.eta
+        """MNPO's ρ: its fixed point is π* with β = ρη, so ρ = β/η."""
+        return self.beta / self.eta
 
     def lambdas(self) -> np.ndarray:
         w = np.asarray(self.weights, float)

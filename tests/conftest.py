@@ -9,3 +9,19 @@ os.environ.setdefault("HF_HOME", os.path.join(_scratch, "hf"))
 os.environ.setdefault("PREFECT_HOME", os.path.join(_scratch, "prefect"))
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """A temporary Prefect API for the test session (about 9 s once)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+# The Label Studio server for tests marked label_studio (started by scripts/test.sh).
+from label_studio_fixtures import label_studio  # noqa: E402, F401
