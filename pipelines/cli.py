@@ -55,15 +55,29 @@ def _run_campaign(config) -> None:
         console.print(f"plot: {store.path(PLOT)}")
 
 
+SHORT_NAMES = {
+    "round": "round",
+    "eval/duality_gap": "gap",
+    "eval/duality_gap_exact_solver": "gap (exact solver)",
+    "eval/kl_to_nash": "KL(π*‖π)",
+    "eval/win_rate_vs_ref": "win vs ref",
+    "eval/win_rate_ci95": "±95%",
+    "pref/judged_now": "judged",
+    "pref/abstained": "abstained",
+    "cost/usd": "cost $",
+    "perf/seconds": "seconds",
+}
+
+
 def _print_rounds(table) -> None:
     if table.empty:
         console.print("no finished rounds in this store")
         return
-    cols = [c for c in table.columns if c in ("round", "solver") or c.startswith(("eval/", "pref/judged_now", "pref/abstained", "cost/", "perf/"))]
-    out = Table(*cols, title="rounds")
+    cols = [c for c in SHORT_NAMES if c in table.columns]
+    out = Table(*[SHORT_NAMES[c] for c in cols], title=f"rounds ({table['solver'].iloc[-1]})")
     for row in table[cols].itertuples(index=False):
-        out.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row])
-    Console().print(out)
+        out.add_row(*[f"{v:.3g}" if isinstance(v, float) else str(v) for v in row])
+    Console(width=max(Console().width, 120)).print(out)
 
 
 def _fail(message: str) -> None:
