@@ -75,11 +75,13 @@ cmd_start() {
     fi
     mkdir -p "$SCRATCH/data"
     say "starting at $URL (data in $SCRATCH/data, log in $LOG)"
+    # No telemetry: the default build reports server errors to Sentry; an empty DSN turns that off.
     # setsid: the server and its children get their own process group, so `stop` ends exactly them.
     LABEL_STUDIO_BASE_DATA_DIR="$SCRATCH/data" \
     LABEL_STUDIO_USERNAME="$USERNAME" LABEL_STUDIO_PASSWORD="$PASSWORD" \
     LABEL_STUDIO_USER_TOKEN="$TOKEN" LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN=true \
     LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK=true COLLECT_ANALYTICS=false LATEST_VERSION_CHECK=false \
+    SENTRY_DSN= FRONTEND_SENTRY_DSN= \
         setsid "$VENV/bin/label-studio" start --no-browser --internal-host "$HOST" --port "$PORT" \
         --data-dir "$SCRATCH/data" --enable-legacy-api-token </dev/null >>"$LOG" 2>&1 &
     echo $! >"$PIDFILE"
