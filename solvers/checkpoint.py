@@ -1,0 +1,147 @@
+"""Checkpoints that are whole or absent, and the anchor an extragradient round restarts from.
+
+A checkpoint is a folder: the model's ``save_pretrained`` (safetensors, config, generation config), the
+tokenizer, and ``trainer_state.pt`` (the AdamW state; within an update also the scheduler, the step
+counter, the metrics so far and a fingerprint of the update it belongs to). It is written into a hidden
+sibling folder ``.<name>.partial-<random>`` and renamed when complete, so a folder under its real name is
+always a whole checkpoint: a process killed while writing leaves only a hidden partial folder, which
+nothing reads. Files are fsynced before the rename, so a machine crash does not leave a complete-looking
+folder with empty files either.
+
+Extragradient rounds (EGPO, Nash-MP) step twice from the same θ_t: :func:`snapshot` keeps θ_t and its
+optimizer state in memory, :func:`restore` puts them back. Across processes the anchor checkpoint plays
+that role (its ``trainer_state.pt`` holds the optimizer state): :func:`load_checkpoint` it again.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from solvers.causal_lm import CausalLMConfig, CausalLMPolicy
+
+TRAINER_STATE = "trainer_state.pt"
+STEP_PREFIX = "step-"
+
+
+def save_checkpoint(path: str | os.PathLike, model, tokenizer, trainer_state: dict | None = None, *, overwrite: bool = False) -> Path:
+    """Write model (safetensors), tokenizer and ``trainer_state`` (torch.save; tensors, numbers,
+    strings, lists and dicts only) into the folder ``path``, atomically. Refuses an existing ``path``
+    unless ``overwrite``. Returns ``path``."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        if trainer_state is not None:
+            torch.save(trainer_state, partial / TRAINER_STATE)
+        _fsync_folder(partial)
+        if path.exists():  # replace: move the old one aside first, so `path` is never half of either
+            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(path, old)
+            os.rename(partial, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(partial, path)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return path
+
+
+def load_weights(model, path: str | os.PathLike) -> None:
+    """Copy the weights of checkpoint ``path`` into ``model`` (same architecture), in place. Tied
+    weights that ``save_pretrained`` stored once are filled through their twin."""
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path} holds no .safetensors weights")
+    state = {}
+    for f in files:
+        state.update(load_file(f))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected:
+        raise ValueError(f"{path} has weights the model lacks: {unexpected[:5]}")
+    params = dict(model.named_parameters(remove_duplicate=False))
+    stored = {params[k].data_ptr() for k in state if k in params}
+    untied = [k for k in missing if k not in params or params[k].data_ptr() not in stored]
+    if untied:
+        raise ValueError(f"{path} lacks weights of the model: {untied[:5]}")
+
+
+def load_trainer_state(path: str | os.PathLike) -> dict | None:
+    """The ``trainer_state.pt`` of checkpoint ``path`` (tensors on the CPU), or None if it has none."""
+    f = Path(path) / TRAINER_STATE
+    return torch.load(f, map_location="cpu", weights_only=True) if f.is_file() else None
+
+
+def load_checkpoint(path: str | os.PathLike, config: CausalLMConfig = CausalLMConfig()) -> tuple[CausalLMPolicy, dict | None]:
+    """(policy, optimizer state or None) from a checkpoint folder: what a round's update starts from.
+    Pass the optimizer state to ``trainer.update(..., optimizer_state=...)`` to keep AdamW's moments."""
+    policy = CausalLMPolicy.load(path, config)
+    state = load_trainer_state(path)
+    return policy, (state or {}).get("optimizer")
+
+
+def step_checkpoint(directory: str | os.PathLike, step: int) -> Path:
+    """Where an update writes its checkpoint after ``step`` optimizer steps."""
+    return Path(directory) / f"{STEP_PREFIX}{step:08d}"
+
+
+def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
+    """The complete step checkpoint with the most steps in ``directory``, or None. Hidden partial
+    folders are never considered; a named folder must also hold its trainer state and weights."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    done = [
+        p
+        for p in directory.glob(f"{STEP_PREFIX}*")
+        if p.is_dir() and p.name[len(STEP_PREFIX) :].isdigit() and (p / TRAINER_STATE).is_file() and any(p.glob("*.safetensors"))
+    ]
+    return max(done, key=lambda p: int(p.name[len(STEP_PREFIX) :]), default=None)
+
+
+def prune_checkpoints(directory: str | os.PathLike, keep: int) -> None:
+    """Delete all but the ``keep`` latest step checkpoints (called after a new one is complete)."""
+    steps = sorted(Path(directory).glob(f"{STEP_PREFIX}*"), key=lambda p: p.name)
+    for p in steps[: max(0, len(steps) - keep)]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+# ----- the extragradient anchor ----------------------------------------------------------------------
+
+
+@dataclass
+class Snapshot:
+    """θ_t and its AdamW state, kept to run the second phase of an extragradient round from."""
+
+    model_state: dict[str, torch.Tensor]
+    optimizer_state: dict | None
+
+
+def snapshot(model, optimizer_state: dict | None = None) -> Snapshot:
+    """Copies (not views) of the model's parameters and buffers and of ``optimizer_state``."""
+    return Snapshot({k: v.detach().clone() for k, v in model.state_dict().items()}, copy.deepcopy(optimizer_state))
+
+
+def restore(model, snap: Snapshot) -> dict | None:
+    """Put θ_t back into ``model`` in place; returns a fresh copy of its optimizer state (pass it to
+    ``trainer.update``: the snapshot itself stays unchanged, so it can be restored again)."""
+    model.load_state_dict(snap.model_state)
+    return copy.deepcopy(snap.optimizer_state)
+
+
+def _fsync_folder(folder: Path) -> None:
+    for f in folder.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
