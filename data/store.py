@@ -43,7 +43,7 @@ class Store:
         else:
             self.fs, self.root = pafs.LocalFileSystem(), _abspath(root)
             self.uri = self.root
-        self._local = isinstance(self.fs, pafs.LocalFileSystem)
+        self.is_local = isinstance(self.fs, pafs.LocalFileSystem)
 
     def __repr__(self) -> str:
         return f"Store({self.uri!r})"
@@ -57,7 +57,7 @@ class Store:
 
     def local_path(self, relpath: str = "") -> str:
         """The folder on local disk, for libraries that only write to local paths."""
-        if not self._local:
+        if not self.is_local:
             raise StoreError(f"{self.uri} is not on local disk; {relpath!r} has no local path")
         return self.path(relpath) if relpath else self.root
 
@@ -74,7 +74,7 @@ class Store:
     def _atomic_write(self, final: str, write) -> None:
         parent = final.rsplit("/", 1)[0]
         self.fs.create_dir(parent, recursive=True)
-        if not self._local:  # an object store makes a single PUT visible only once complete
+        if not self.is_local:  # an object store makes a single PUT visible only once complete
             with self.fs.open_output_stream(final) as out:
                 write(out)
             return

@@ -16,14 +16,16 @@ app = typer.Typer(help="Nash learning from human feedback as scheduled, inspecta
 console = Console(stderr=True, soft_wrap=True)
 
 
-def _quiet_prefect() -> None:
-    """Keep a local run's terminal for nashflow's own progress; everything is in the Prefect UI/API."""
+def _quiet() -> None:
+    """Keep a local run's terminal for nashflow's own progress; the logs are in the Prefect UI/API."""
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def _run_campaign(config) -> None:
-    _quiet_prefect()
+    _quiet()
     from data import Store
     from pipelines import stages
     from pipelines.flows import alignment_campaign
@@ -40,8 +42,8 @@ def _run_campaign(config) -> None:
             console.print(stage, end=" ", style="dim")
 
         def round_finished(self, round, metrics):
-            keys = [k for k in ("eval/duality_gap", "eval/kl_to_nash", "eval/win_rate_vs_ref", "pref/judged_now") if k in metrics]
-            console.print("→ " + ", ".join(f"{k.split('/')[1]} {metrics[k]:.4g}" for k in keys) + f"  [{time.perf_counter() - self.t0:.0f} s]")
+            keys = [k for k in ("eval/duality_gap", "eval/kl_to_nash", "eval/win_rate_vs_ref", "eval/win_rate_ci95", "pref/judged_now") if k in metrics]
+            console.print("→ " + ", ".join(f"{k.split('/')[1]} {metrics[k]:.3g}" for k in keys) + f"  [{time.perf_counter() - self.t0:.0f} s]")
 
     console.print(f"campaign [bold]{config.name}[/bold]: {config.rounds} rounds of {config.solver.algorithm}, store {config.store}")
     with reporting(Progress()):
@@ -65,7 +67,8 @@ SHORT_NAMES = {
     "pref/judged_now": "judged",
     "pref/abstained": "abstained",
     "cost/usd": "cost $",
-    "perf/seconds": "seconds",
+    "loss/inpo": "loss",
+    "perf/round_seconds": "seconds",
 }
 
 
@@ -103,7 +106,7 @@ def run(
 
 @app.command()
 def demo(store: Annotated[str, typer.Option(help="where the demo's store goes")] = "nashflow-demo"):
-    """Run the default campaign (Nash-MP on small intransitive games), about a minute on a laptop."""
+    """Run the default campaign: a tiny language model learns an intransitive text world with INPO."""
     from pipelines.config import default_config_path, load_config
 
     _run_campaign(load_config(default_config_path(), store=store))

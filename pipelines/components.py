@@ -1,8 +1,9 @@
-"""Build the campaign's parts from its config: the world (prompts and their games), the oracle, the
-initial policy, the solver parameters, and checkpoints in the store."""
+"""Build the campaign's parts from its config: the world (prompts, and each tabular prompt's true
+game), the oracle, the policy of each version, the solver parameters, and checkpoints in the store."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -15,6 +16,7 @@ import numpy as np
 from data import Store, prompt_id
 from oracles.games import load_game, make_game
 from oracles.matrix import MatrixOracle, action_names
+from oracles.text_world import TextWorldOracle, text_world_prompts
 from pipelines.config import CampaignConfig
 from solvers import tabular
 from solvers.tabular_policy import TabularPolicy
@@ -22,41 +24,81 @@ from solvers.tabular_policy import TabularPolicy
 
 @dataclass
 class World:
-    """What the campaign is about: its prompts and, for the tabular world, each prompt's true game."""
+    """What the campaign is about: its prompts (train and held-out) and, for a tabular world, each
+    prompt's true game."""
 
     config: CampaignConfig
 
     @cached_property
     def games(self) -> dict[str, np.ndarray]:
         out = {}
-        for i, spec in enumerate(self.config.games):
+        for i, spec in enumerate(self.config.games or []):
             P = load_game(spec.path) if spec.kind == "file" else make_game(spec.kind, spec.n, spec.seed, spec.strength)
             out[f"game-{i}: {spec.kind} n={len(P)}"] = P
         return out
 
+    @cached_property
+    def splits(self) -> dict[str, list[str]]:
+        if self.config.games:
+            return {"train": list(self.games), "eval": []}
+        cfg = self.config.prompts
+        if cfg.source == "text_world":
+            train, held_out = text_world_prompts("train"), text_world_prompts("eval")
+        else:
+            train, held_out = _read_prompts(cfg.source)
+        return {"train": train[: cfg.limit_train], "eval": held_out[: cfg.limit_eval]}
+
     @property
     def prompts(self) -> list[str]:
-        return list(self.games)
+        """The training prompts."""
+        return self.splits["train"]
+
+    @property
+    def eval_prompts(self) -> list[str]:
+        return self.splits["eval"]
 
     def prompt_rows(self) -> list[dict]:
-        return [{"prompt_id": prompt_id(p), "prompt": p, "split": "train", "source": "games"} for p in self.prompts]
+        source = "games" if self.config.games else self.config.prompts.source
+        return [
+            {"prompt_id": prompt_id(p), "prompt": p, "split": split, "source": source}
+            for split, prompts in self.splits.items()
+            for p in prompts
+        ]
 
     def reference(self) -> dict[str, np.ndarray]:
-        """μ per prompt: softmax of N(0, spread²) logits, seeded, so that cyclic games are not trivial."""
+        """Tabular μ per prompt: softmax of N(0, spread²) logits, seeded, so cyclic games are not trivial."""
         cfg = self.config.policy
         rng = np.random.default_rng(cfg.seed)
         return {p: np.exp(tabular.normalize(cfg.reference_spread * rng.standard_normal(len(P)))) for p, P in self.games.items()}
+
+
+def _read_prompts(path: str) -> tuple[list[str], list[str]]:
+    """A .txt file (one training prompt per line) or .jsonl ({"prompt": ..., "split": "train"|"eval"})."""
+    train, held_out = [], []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if path.endswith(".jsonl"):
+                try:
+                    row = json.loads(line)
+                    (held_out if row.get("split", "train") == "eval" else train).append(row["prompt"])
+                except (json.JSONDecodeError, KeyError, AttributeError):
+                    raise ValueError(f"{path}:{n}: expected a JSON object with a 'prompt' (and optional 'split')") from None
+            else:
+                train.append(line.rstrip("\n"))
+    if not train:
+        raise ValueError(f"{path}: no training prompts")
+    return train, held_out
 
 
 def build_oracle(config: CampaignConfig, world: World):
     cfg = config.oracle
     if cfg.kind == "matrix":
         return MatrixOracle(world.games, mode=cfg.mode, seed=cfg.seed)
+    if cfg.kind == "text_world":
+        return TextWorldOracle(mode=cfg.mode, seed=cfg.seed)
     raise ValueError(f"unknown oracle kind {cfg.kind!r}")
-
-
-def initial_policy(config: CampaignConfig, world: World) -> TabularPolicy:
-    return TabularPolicy.from_reference({p: action_names(len(P)) for p, P in world.games.items()}, world.reference())
 
 
 def solver_params(config: CampaignConfig) -> tabular.Params:
@@ -69,7 +111,7 @@ def phases(config: CampaignConfig) -> tuple[str, ...]:
     return ("midpoint", "update") if config.solver.algorithm in tabular.TWO_PHASE else ("update",)
 
 
-# ----- versions and checkpoints ------------------------------------------------------------------------
+# ----- versions, policies and checkpoints ----------------------------------------------------------------
 
 
 def version(round: int, phase: str = "update") -> str:
@@ -86,14 +128,15 @@ def has_checkpoint(store: Store, version: str) -> bool:
     return store.exists(f"{checkpoint_dir(version)}/_COMPLETE")
 
 
-def save_checkpoint(store: Store, version: str, policy) -> str:
-    """Save a policy so that a reader never takes a half-written checkpoint for a complete one:
-    write into a temporary folder, move it into place, then write the marker."""
+def save_checkpoint(store: Store, version: str, write) -> str:
+    """``write(folder)`` saves a policy into a local folder; this puts it in the store so that a reader
+    never takes a half-written checkpoint for a complete one: a temporary folder is moved into place,
+    then the marker is written."""
     final = checkpoint_dir(version)
     with tempfile.TemporaryDirectory() as tmp:
         staged = os.path.join(tmp, "ckpt")
-        policy.save(staged)
-        if store._local:
+        write(staged)
+        if store.is_local:
             target = store.local_path(final)
             if os.path.exists(target):  # a leftover of a crashed save: it never got its marker
                 shutil.rmtree(target)
@@ -111,22 +154,15 @@ def save_checkpoint(store: Store, version: str, policy) -> str:
     return store.path(final)
 
 
-def load_checkpoint(store: Store, version: str, config: CampaignConfig, world: World) -> TabularPolicy:
-    if version == "v0":
-        return initial_policy(config, world)
+def checkpoint_folder(store: Store, version: str, tmp: str) -> str:
+    """A local folder holding a complete checkpoint (the store's own folder when it is local)."""
     if not has_checkpoint(store, version):
         raise FileNotFoundError(f"{store.path(checkpoint_dir(version))}: no complete checkpoint of policy {version}")
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = _fetch(store, checkpoint_dir(version), tmp)
-        return TabularPolicy.load(folder)
-
-
-def _fetch(store: Store, relpath: str, tmp: str) -> str:
-    if store._local:
-        return store.local_path(relpath)
+    if store.is_local:
+        return store.local_path(checkpoint_dir(version))
     import pyarrow.fs as pafs
 
-    base = store.path(relpath)
+    base = store.path(checkpoint_dir(version))
     for info in store.fs.get_file_info(pafs.FileSelector(base, recursive=True)):
         if info.type == pafs.FileType.File:
             dest = os.path.join(tmp, info.path[len(base) + 1 :])
@@ -134,3 +170,44 @@ def _fetch(store: Store, relpath: str, tmp: str) -> str:
             with store.fs.open_input_stream(info.path) as src, open(dest, "wb") as out:
                 out.write(src.read())
     return tmp
+
+
+def lm_config(config: CampaignConfig, *, training: bool = False):
+    """The causal-LM settings; for training, float32 weights (bf16 autocast keeps fp32 master weights)."""
+    from solvers.causal_lm import CausalLMConfig
+
+    p = config.policy
+    return CausalLMConfig(
+        temperature=p.temperature, top_p=p.top_p, max_new_tokens=p.max_new_tokens, too_long=p.too_long, device=p.device, dtype="float32" if training else "auto"
+    )
+
+
+def ensure_reference(store: Store, config: CampaignConfig, world: World) -> None:
+    """Write v0 (the reference and first policy) into the store once, so every round and every
+    process reads the same reference, whatever it was built from."""
+    if has_checkpoint(store, "v0"):
+        return
+    if config.policy.kind == "tabular":
+        policy = TabularPolicy.from_reference({p: action_names(len(P)) for p, P in world.games.items()}, world.reference())
+        save_checkpoint(store, "v0", policy.save)
+        return
+    from solvers import checkpoint as lm_checkpoint
+    from solvers.causal_lm import CausalLMPolicy, tiny_policy
+
+    cfg = config.policy
+    policy = tiny_policy(seed=cfg.tiny_seed, config=lm_config(config)) if cfg.model == "tiny" else CausalLMPolicy.load(cfg.model, lm_config(config))
+    save_checkpoint(store, "v0", lambda folder: lm_checkpoint.save_checkpoint(folder, policy.model, policy.tokenizer))
+
+
+def load_policy(store: Store, version: str, config: CampaignConfig, world: World, *, with_optimizer: bool = False):
+    """The policy of a version (and, for a causal LM with ``with_optimizer``, AdamW's saved state)."""
+    ensure_reference(store, config, world)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = checkpoint_folder(store, version, tmp)
+        if config.policy.kind == "tabular":
+            policy, optimizer = TabularPolicy.load(folder), None
+        else:
+            from solvers import checkpoint as lm_checkpoint
+
+            policy, optimizer = lm_checkpoint.load_checkpoint(folder, lm_config(config, training=with_optimizer))
+    return (policy, optimizer) if with_optimizer else policy

@@ -12,7 +12,10 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-ALGORITHMS = Literal["nash_mp", "egpo", "inpo", "mnpo", "nash_md", "onpo", "sppo"]
+ALGORITHMS = Literal["nash_mp", "egpo", "inpo", "mnpo", "nash_md", "onpo", "sppo", "online_ipo", "dpo"]
+TABULAR_ONLY = ("onpo",)  # no language-model loss
+LM_ONLY = ("online_ipo", "dpo")  # no exact tabular dynamics
+NOT_WIRED_FOR_LM = ("nash_md", "sppo")  # losses exist; their sampling paths are not in the campaign yet
 
 
 class ConfigError(ValueError):
@@ -57,19 +60,72 @@ class MatrixOracleConfig(Strict):
     seed: int = 0
 
 
-PolicyConfig = Annotated[TabularPolicyConfig, Field(discriminator="kind")]
-OracleConfig = Annotated[MatrixOracleConfig, Field(discriminator="kind")]
+class CausalLMPolicyConfig(Strict):
+    """A transformers causal LM, updated by the solver's loss with the trainer."""
+
+    kind: Literal["causal_lm"] = "causal_lm"
+    model: str = Field("tiny", description="a local folder, a hub id, or 'tiny' (a ~115k-parameter byte-level Llama built from a config)")
+    tiny_seed: int = Field(0, description="'tiny': seed of its random initial weights")
+    max_new_tokens: int = Field(24, ge=1, description="response length cap; sampling and training cost grow with it")
+    temperature: float = Field(1.0, gt=0.0, description="sampling temperature; lower gives fewer distinct responses to compare")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    too_long: Literal["truncate", "refuse"] = Field("truncate", description="a prompt longer than the context: truncate with a warning, or stop")
+    device: str = Field("auto", description="'auto': CUDA when present, else CPU")
+
+
+class TrainerSettings(Strict):
+    """The policy update of a causal-LM campaign (solvers/trainer.py has every knob's detail)."""
+
+    lr: float = Field(1e-6, gt=0, description="AdamW peak learning rate; LLM scale 1e-7..1e-5, a tiny random model ~1e-3")
+    micro_batch_size: int = Field(8, ge=1, description="pairs per forward pass; memory grows with it")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    epochs: int = Field(1, ge=1, description="passes over the round's pairs")
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    gradient_checkpointing: bool = Field(False, description="less memory, about 30% more compute")
+    checkpoint_every: int = Field(0, ge=0, description="steps between resumable checkpoints inside an update (0: only at the end)")
+    window: int = Field(1, ge=0, description="rounds of judged pairs to train on: 1 = this round's (on-policy), 0 = all accumulated")
+
+
+class PromptsConfig(Strict):
+    """Where a language-model campaign's prompts come from."""
+
+    source: str = Field("text_world", description="'text_world' (the synthetic world's prompts), or a .txt (one per line) / .jsonl ({prompt, split}) file")
+    limit_train: int | None = Field(None, ge=1, description="use only the first N training prompts")
+    limit_eval: int | None = Field(None, ge=1, description="use only the first N held-out prompts")
+
+
+class TextWorldOracleConfig(Strict):
+    """The synthetic text world's ground truth: annotator groups with intransitive tastes."""
+
+    kind: Literal["text_world"] = "text_world"
+    mode: Literal["exact", "bernoulli"] = "exact"
+    seed: int = 0
+
+
+class EvaluationConfig(Strict):
+    """Win-rate of each round's policy against the reference on held-out prompts."""
+
+    samples_per_prompt: int = Field(8, ge=1, description="responses per held-out prompt and policy; the interval narrows as √n")
+
+
+PolicyConfig = Annotated[TabularPolicyConfig | CausalLMPolicyConfig, Field(discriminator="kind")]
+OracleConfig = Annotated[MatrixOracleConfig | TextWorldOracleConfig, Field(discriminator="kind")]
 
 
 class SolverConfig(Strict):
     """The Nash solver and its regularization. See docs/solvers.md for each algorithm."""
 
     algorithm: ALGORITHMS = "nash_mp"
-    beta: float = Field(0.25, gt=0, description="KL regularization toward the reference μ; larger = faster, more conservative")
-    eta: float | None = Field(None, gt=0, description="step size; None = the algorithm's default")
-    history: int = Field(2, ge=1, description="MNPO: number of past iterates H")
-    weights: list[float] | None = Field(None, description="MNPO: weights λ of the past iterates (normalized)")
-    schedule: Literal["constant", "decay"] = Field("constant", description="Nash-MD step schedule")
+    beta: float = Field(0.25, gt=0, description="tabular: KL regularization toward the reference μ; larger = faster, more conservative")
+    eta: float | None = Field(None, gt=0, description="tabular: step size; None = the algorithm's default")
+    history: int = Field(2, ge=1, description="tabular MNPO: number of past iterates H")
+    weights: list[float] | None = Field(None, description="tabular MNPO: weights λ of the past iterates (normalized)")
+    schedule: Literal["constant", "decay"] = Field("constant", description="tabular Nash-MD step schedule")
+    loss: dict[str, float | int | str | list[float]] = Field(
+        default_factory=dict, description="causal LM: the loss's parameters (solvers/losses.py), e.g. {eta: 0.0075, tau: 0.0025} for INPO"
+    )
 
 
 class SamplingConfig(Strict):
@@ -90,12 +146,33 @@ class CampaignConfig(Strict):
     store: str = Field(description="folder or pyarrow.fs URI (s3://…) of the Parquet store; relative to the working directory")
     rounds: int = Field(ge=1, le=10_000)
     seed: int = 0
-    games: list[GameSpec] = Field(min_length=1, description="the tabular world: one prompt per game")
+    games: list[GameSpec] | None = Field(None, min_length=1, description="the tabular world: one prompt per game")
+    prompts: PromptsConfig | None = Field(None, description="a language-model campaign's prompts")
     policy: PolicyConfig = TabularPolicyConfig()
     oracle: OracleConfig = MatrixOracleConfig()
     solver: SolverConfig = SolverConfig()
     sampling: SamplingConfig = SamplingConfig()
     pairing: PairingConfig = PairingConfig()
+    trainer: TrainerSettings = TrainerSettings()
+    evaluation: EvaluationConfig = EvaluationConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        tabular = self.policy.kind == "tabular"
+        if tabular and not self.games:
+            raise ValueError("a tabular policy needs `games` (one finite game per prompt)")
+        if not tabular and not self.prompts:
+            raise ValueError("a causal_lm policy needs `prompts`")
+        if self.oracle.kind == "matrix" and not self.games:
+            raise ValueError("the matrix oracle judges the responses of `games`; this campaign has none")
+        algorithm = self.solver.algorithm
+        if tabular and algorithm in LM_ONLY:
+            raise ValueError(f"solver.algorithm {algorithm!r} is a language-model baseline with no tabular dynamics")
+        if not tabular and algorithm in TABULAR_ONLY:
+            raise ValueError(f"solver.algorithm {algorithm!r} has no language-model loss; use it with a tabular policy")
+        if not tabular and algorithm in NOT_WIRED_FOR_LM:
+            raise ValueError(f"solver.algorithm {algorithm!r}: its loss exists (solvers/losses.py) but campaigns with a causal_lm policy do not run it yet")
+        return self
 
 
 def load_config(path: str, **overrides) -> CampaignConfig:

@@ -12,7 +12,7 @@ from prefect.cache_policies import NO_CACHE
 
 from data import Store
 from pipelines import artifacts, stages
-from pipelines.components import World, build_oracle, load_checkpoint, phases, version
+from pipelines.components import World, build_oracle, load_policy, phases, version
 from pipelines.config import CampaignConfig
 from pipelines.progress import reporter
 
@@ -27,7 +27,7 @@ def _sampler_version(config: CampaignConfig, round: int, phase: str) -> str:
 def sample_task(config: CampaignConfig, round: int, phase: str) -> dict:
     store, world = Store(config.store), World(config)
     v = _sampler_version(config, round, phase)
-    policy = load_checkpoint(store, v, config, world)
+    policy = load_policy(store, v, config, world)
     out = stages.sample_responses(store, policy, world.prompts, round=round, policy_version=v, k=config.sampling.samples_per_prompt, seed=config.seed)
     get_run_logger().info("round %d %s: sampled %d responses from %s (%d already stored)", round, phase, out["sampled"], v, out["already_stored"])
     return out
@@ -59,7 +59,8 @@ def judge_task(config: CampaignConfig, round: int, phase: str, pairs: list) -> d
 def update_task(config: CampaignConfig, round: int, phase: str) -> dict:
     store, world = Store(config.store), World(config)
     oracle_ids = {build_oracle(config, world).oracle_id}
-    out = stages.update_policy(store, config, world, round=round, phase=phase, oracle_ids=oracle_ids)
+    v = _sampler_version(config, round, phase)
+    out = stages.update_policy(store, config, world, round=round, phase=phase, sampled_version=v, oracle_ids=oracle_ids)
     get_run_logger().info("round %d %s: %s → %s on %s judged pairs", round, phase, config.solver.algorithm, out["version"], out.get("judged_pairs_used", "stored"))
     return out
 
@@ -93,7 +94,8 @@ def alignment_round(config: CampaignConfig, round: int) -> dict:
         stage_metrics.update({prefix + k: v for k, v in judged.items()})
         reporter().stage(round, f"{prefix}update")
         with watch("update"):
-            update_task(config, round, phase)
+            updated = update_task(config, round, phase)
+        stage_metrics.update({prefix + k: v for k, v in updated.items() if k.startswith(("loss/", "kl/", "optim/", "pref/", "perf/")) and k != "perf/seconds"})
     reporter().stage(round, "evaluate")
     return evaluate_task(config, round, stage_metrics, watch.seconds)
 
@@ -116,4 +118,4 @@ def alignment_campaign(config: CampaignConfig) -> list[dict]:
 
 
 def final_policy(config: CampaignConfig):
-    return load_checkpoint(Store(config.store), version(config.rounds), config, World(config))
+    return load_policy(Store(config.store), version(config.rounds), config, World(config))

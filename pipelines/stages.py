@@ -16,8 +16,10 @@ from data.keys import stable_hash
 from oracles.protocol import Pair
 from pipelines.components import (
     World,
+    build_oracle,
+    checkpoint_dir,
     has_checkpoint,
-    load_checkpoint,
+    load_policy,
     save_checkpoint,
     solver_params,
     version,
@@ -47,18 +49,24 @@ def sample_responses(store: Store, policy, prompts: list[str], *, round: int, po
             responses.append(dict(response_id=rid, round=round, policy_version=policy_version, prompt_id=pid, text=s.text, n_tokens=s.n_tokens, finish_reason=s.finish_reason))
             if s.logp is not None:
                 logprobs.append(dict(response_id=rid, policy_version=policy_version, round=round, logp=s.logp))
+    unscored = [r for r in responses if r["response_id"] not in {lp["response_id"] for lp in logprobs}]
+    if unscored:  # the sampler could not give log π(y|x) on the way: score once, now
+        by_id = {prompt_id(p): p for p in todo}
+        logps = policy.score([by_id[r["prompt_id"]] for r in unscored], [r["text"] for r in unscored], finished=[r["finish_reason"] == "stop" for r in unscored])
+        logprobs += [dict(response_id=r["response_id"], policy_version=policy_version, round=round, logp=lp) for r, lp in zip(unscored, logps)]
     store.write("responses", responses)
-    if logprobs:
-        store.write("logprobs", logprobs)
+    store.write("logprobs", logprobs)
     return {"sampled": len(responses), "already_stored": len(done) * k}
 
 
 def pair_responses(store: Store, *, round: int, policy_version: str, strategy: str, skip_identical: bool, seed: int) -> list[Pair]:
-    """Ordered pairs among each prompt's responses of one version and round. Deterministic (sorted by
-    id, seeded), so recomputing them after a crash gives the same pairs and the same comparison keys."""
+    """Ordered pairs among each training prompt's responses of one version and round. Deterministic
+    (sorted by id, seeded), so recomputing them after a crash gives the same pairs and comparison keys."""
     resp = store.read("responses", rounds=[round])
-    resp = resp[resp["policy_version"] == policy_version].sort_values("response_id")
-    prompts = store.read("prompts").set_index("prompt_id")["prompt"]
+    table = store.read("prompts").set_index("prompt_id")
+    prompts = table["prompt"]
+    train = set(table.index[table["split"] == "train"])
+    resp = resp[(resp["policy_version"] == policy_version) & resp["prompt_id"].isin(train)].sort_values("response_id")
     rng = np.random.default_rng(int(stable_hash(seed, round, policy_version, "pairs", length=4), 16))
     pairs = []
     for pid, group in resp.groupby("prompt_id", sort=True):
@@ -110,27 +118,34 @@ def judged_pairs(store: Store, *, oracle_ids: set[str], up_to_round: int) -> lis
     """Every stored judgment of the campaign's oracles up to a round, with texts, for the solver.
     Solvers read only the comparisons table: never a scalar score per response."""
     comps = store.read("comparisons", rounds=range(0, up_to_round + 1))
-    comps = comps[comps["oracle_id"].isin(oracle_ids) & comps["p_a"].notna()]
+    table = store.read("prompts").set_index("prompt_id")
+    train = set(table.index[table["split"] == "train"])
+    comps = comps[comps["oracle_id"].isin(oracle_ids) & comps["p_a"].notna() & comps["prompt_id"].isin(train)]
     if comps.empty:
         return []
     texts = store.read("responses", columns=["response_id", "text"]).set_index("response_id")["text"]
-    prompts = store.read("prompts").set_index("prompt_id")["prompt"]
+    prompts = table["prompt"]
     return [
         Judged(prompts[r.prompt_id], texts[r.a_id], texts[r.b_id], float(r.p_a), int(r.n_votes))
         for r in comps.itertuples(index=False)
     ]
 
 
-def update_policy(store: Store, config: CampaignConfig, world: World, *, round: int, phase: str, oracle_ids: set[str]) -> dict:
-    """The solver's step on the accumulated judgments; writes the new version's checkpoint."""
+def update_policy(store: Store, config: CampaignConfig, world: World, *, round: int, phase: str, sampled_version: str, oracle_ids: set[str]) -> dict:
+    """The solver's step on the judged pairs; writes the new version's checkpoint (once)."""
     new = version(round, phase)
     if has_checkpoint(store, new):
         return {"version": new, "already_stored": True}
-    anchor = load_checkpoint(store, version(round - 1), config, world)
-    midpoint = load_checkpoint(store, version(round, "midpoint"), config, world) if phase == "update" and config.solver.algorithm in tabular.TWO_PHASE else None
+    if config.policy.kind == "causal_lm":
+        from pipelines.lm_update import update_causal_lm
+
+        return update_causal_lm(store, config, world, round=round, phase=phase, sampled_version=sampled_version, oracle_ids=oracle_ids)
+    anchor = load_policy(store, version(round - 1), config, world)
+    two_phase = phase == "update" and config.solver.algorithm in tabular.TWO_PHASE
+    midpoint = load_policy(store, version(round, "midpoint"), config, world) if two_phase else None
     judged = judged_pairs(store, oracle_ids=oracle_ids, up_to_round=round)
     policy = anchor.update(judged, solver_params(config), phase, midpoint)
-    path = save_checkpoint(store, new, policy)
+    path = save_checkpoint(store, new, policy.save)
     return {"version": new, "checkpoint": path, "judged_pairs_used": len(judged)}
 
 
@@ -152,14 +167,43 @@ def ground_truth_metrics(policy, world: World, config: CampaignConfig, round: in
     return {k: float(np.mean(v)) for k, v in rows.items()}
 
 
+def sampled_win_rate(store: Store, config: CampaignConfig, world: World, oracle, *, round: int) -> dict:
+    """Win-rate of v{round} against the reference v0 on fresh samples of the held-out prompts, judged
+    by ``oracle`` (the ground truth in a synthetic world), with a 95% interval. The samples and the
+    judgments are stored like any others (held-out prompts never reach training)."""
+    from pipelines.lm_update import win_rate_metrics
+
+    m, new = config.evaluation.samples_per_prompt, version(round)
+    policies = {v: load_policy(store, v, config, world) for v in (new, "v0")}
+    for v, policy in policies.items():
+        sample_responses(store, policy, world.eval_prompts, round=round, policy_version=v, k=m, seed=config.seed + 7919)
+    resp = store.read("responses", rounds=[round])
+    resp = resp[resp["prompt_id"].isin({prompt_id(p) for p in world.eval_prompts})].set_index("response_id")
+    pairs = []
+    for p in world.eval_prompts:
+        pid = prompt_id(p)
+        for slot in range(m):
+            a, b = response_id(pid, new, round, slot), response_id(pid, "v0", round, slot)
+            pairs.append(Pair(pid, p, a, resp.at[a, "text"], b, resp.at[b, "text"]))
+    judge_pairs(store, oracle, pairs, round=round)
+    comps = store.read("comparisons", rounds=[round]).set_index("comparison_id")
+    from data.keys import comparison_id
+
+    keys = [comparison_id(q.prompt_id, q.a_id, q.b_id, oracle.oracle_id) for q in pairs]
+    return win_rate_metrics(comps.loc[keys, "p_a"].dropna())
+
+
 def evaluate_policy(store: Store, config: CampaignConfig, world: World, *, round: int, stage_metrics: dict, timings: dict) -> dict:
     """Metrics of the round's new policy; writes the round's row (a repeated write adds nothing)."""
-    policy = load_checkpoint(store, version(round), config, world)
-    metrics = {**stage_metrics, **ground_truth_metrics(policy, world, config, round)}
+    if config.policy.kind == "tabular":
+        evaluation = ground_truth_metrics(load_policy(store, version(round), config, world), world, config, round)
+    else:
+        evaluation = sampled_win_rate(store, config, world, build_oracle(config, world), round=round)
+    metrics = {**stage_metrics, **evaluation}
     row = {
         "round": round,
         "policy_version": version(round),
-        "checkpoint": store.path(f"checkpoints/{version(round)}"),
+        "checkpoint": store.path(checkpoint_dir(version(round))),
         "solver": config.solver.algorithm,
         "metrics": json.dumps(metrics, sort_keys=True),
         "timings": json.dumps(timings, sort_keys=True),
@@ -174,7 +218,7 @@ def rounds_table(store: Store) -> pd.DataFrame:
     if rounds.empty:
         return pd.DataFrame()
     metrics = pd.DataFrame([json.loads(m) for m in rounds["metrics"]], index=rounds.index)
-    seconds = pd.Series([sum(json.loads(t).values()) for t in rounds["timings"]], index=rounds.index, name="perf/seconds")
+    seconds = pd.Series([sum(json.loads(t).values()) for t in rounds["timings"]], index=rounds.index, name="perf/round_seconds")
     return pd.concat([rounds[["round", "policy_version", "solver"]], metrics, seconds], axis=1).reset_index(drop=True)
 
 

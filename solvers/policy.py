@@ -23,8 +23,9 @@ class Policy(Protocol):
         """k responses for each prompt, reproducible for a given seed."""
         ...
 
-    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
-        """log π(response | prompt), summed over response tokens, for aligned lists."""
+    def score(self, prompts: list[str], responses: list[str], *, finished: list[bool] | None = None) -> list[float]:
+        """log π(response | prompt), summed over response tokens, for aligned lists. ``finished[i]``
+        False means response i was cut at the length limit (its end-of-sequence token is not scored)."""
         ...
 
     def save(self, path: str) -> None:

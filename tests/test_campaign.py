@@ -69,7 +69,7 @@ def test_crashed_judge_stage_resumes_without_asking_twice(tmp_path, prefect_harn
     store, world = Store(config.store), World(config)
     # the round got as far as judging half of its pairs before it died
     stages.register_prompts(store, world)
-    policy = flows.load_checkpoint(store, "v0", config, world)
+    policy = flows.load_policy(store, "v0", config, world)
     stages.sample_responses(store, policy, world.prompts, round=1, policy_version="v0", k=6, seed=config.seed)
     pairs = stages.pair_responses(store, round=1, policy_version="v0", strategy="both_orders", skip_identical=True, seed=config.seed)
     oracle = build_oracle(config, world)
