@@ -98,6 +98,13 @@ def build_oracle(config: CampaignConfig, world: World):
         return MatrixOracle(world.games, mode=cfg.mode, seed=cfg.seed)
     if cfg.kind == "text_world":
         return TextWorldOracle(mode=cfg.mode, seed=cfg.seed)
+    if cfg.kind == "llm_judge":
+        from oracles.llm_judge import LLMJudge, LLMJudgeConfig
+        from pipelines.secrets import resolve
+
+        settings = cfg.model_dump(exclude={"kind", "api_key_secret", "api_key_env"})
+        settings["prices"] = {k: tuple(v) for k, v in settings["prices"].items()}
+        return LLMJudge(LLMJudgeConfig(**settings, api_key=resolve(cfg.api_key_secret, cfg.api_key_env)))
     raise ValueError(f"unknown oracle kind {cfg.kind!r}")
 
 

@@ -104,6 +104,29 @@ class TextWorldOracleConfig(Strict):
     seed: int = 0
 
 
+class LLMJudgeOracleConfig(Strict):
+    """An OpenAI-compatible chat model asked which response is better (oracles/llm_judge.py). The key is
+    named, never written here: a Prefect Secret block and/or an environment variable of the worker."""
+
+    kind: Literal["llm_judge"] = "llm_judge"
+    model: str = Field(description="the model name the server knows")
+    base_url: str | None = Field(None, description="None: the OpenAI API; e.g. http://127.0.0.1:8000/v1 for vLLM")
+    api_key_secret: str | None = Field(None, description="name of a Prefect Secret block holding the key")
+    api_key_env: str | None = Field("OPENAI_API_KEY", description="environment variable holding the key (used when no block is found)")
+    both_orders: bool = Field(True, description="ask both orders and average: cancels position bias, costs 2× requests")
+    votes: int = Field(1, ge=1, description="answers per order when P comes from votes (needs temperature > 0)")
+    temperature: float = Field(0.0, ge=0.0)
+    use_logprobs: bool = Field(True, description="P from the verdict token's probability when the server returns logprobs")
+    template_path: str | None = Field(None, description="a judge template file replacing the default")
+    max_in_flight: int = Field(64, ge=1, description="requests in flight; more is faster until the server or client CPU saturates")
+    rpm: float | None = Field(None, gt=0, description="requests per minute limit")
+    tpm: float | None = Field(None, gt=0, description="tokens per minute limit")
+    timeout_s: float = Field(60.0, gt=0, description="per request")
+    max_retries: int = Field(4, ge=0, description="retries on 429, 5xx, timeouts and dropped connections")
+    prices: dict[str, tuple[float, float]] = Field(default_factory=dict, description="model → USD per 1M (prompt, completion) tokens")
+    budget_usd: float | None = Field(None, gt=0, description="spend cap per judge stage; pairs past it are left for a later run")
+
+
 class EvaluationConfig(Strict):
     """Win-rate of each round's policy against the reference on held-out prompts."""
 
@@ -111,7 +134,7 @@ class EvaluationConfig(Strict):
 
 
 PolicyConfig = Annotated[TabularPolicyConfig | CausalLMPolicyConfig, Field(discriminator="kind")]
-OracleConfig = Annotated[MatrixOracleConfig | TextWorldOracleConfig, Field(discriminator="kind")]
+OracleConfig = Annotated[MatrixOracleConfig | TextWorldOracleConfig | LLMJudgeOracleConfig, Field(discriminator="kind")]
 
 
 class SolverConfig(Strict):

@@ -11,9 +11,10 @@ from contextlib import contextmanager
 import numpy as np
 import pandas as pd
 
-from data import Store, prompt_id, response_id
+from data import Store, comparison_id, prompt_id, response_id
 from data.keys import stable_hash
 from oracles.protocol import Pair
+from oracles.resume import unjudged
 from pipelines.components import (
     World,
     build_oracle,
@@ -85,32 +86,34 @@ def pair_responses(store: Store, *, round: int, policy_version: str, strategy: s
     return pairs
 
 
-def judge_pairs(store: Store, oracle, pairs: list[Pair], *, round: int, chunk_size: int = 512, on_chunk=None) -> dict:
+def judge_pairs(store: Store, oracle, pairs: list[Pair], *, round: int, chunk_size: int = 2048, on_chunk=None) -> dict:
     """Ask the oracle about the pairs it has not judged yet (the store is the cache) and store each
-    chunk as soon as it is answered, so an interruption loses at most one chunk."""
-    from data.keys import comparison_id
-
-    stored = {k[0] for k in store.keys("comparisons")}
-    todo = [p for p in pairs if comparison_id(p.prompt_id, p.a_id, p.b_id, oracle.oracle_id) not in stored]
-    judgments, skipped = [], 0
+    chunk as soon as it is answered, so an interruption loses at most one chunk. Skipped pairs (e.g. a
+    spent budget) are not stored: a later run asks them again."""
+    todo = unjudged(pairs, oracle.oracle_id, store)
+    answered = []
     for start in range(0, len(todo), chunk_size):
-        answered = oracle.judge(todo[start : start + chunk_size])
-        final = [j for j in answered if not j.skipped]
-        skipped += len(answered) - len(final)
-        store.write("comparisons", [j.row(oracle.oracle_id, round) for j in final])
-        judgments += final
+        chunk = oracle.judge(todo[start : start + chunk_size])
+        store.write("comparisons", [j.row(oracle.oracle_id, round) for j in chunk if not j.skipped])
+        answered += chunk
         if on_chunk:
-            on_chunk(start + len(answered), len(todo))
+            on_chunk(start + len(chunk), len(todo))
+    final = [j for j in answered if not j.skipped]
     summary = {
         "pref/pairs": len(pairs),
-        "pref/judged_now": len(judgments),
+        "pref/judged_now": len(final),
         "pref/cached": len(pairs) - len(todo),
-        "pref/skipped": skipped,
-        "pref/abstained": sum(j.p_a is None for j in judgments),
-        "cost/usd": float(sum(j.cost_usd for j in judgments)),
+        "pref/skipped": len(answered) - len(final),
+        "pref/abstained": sum(j.p_a is None for j in final),
+        "cost/usd": float(sum(j.cost_usd for j in answered)),
     }
-    if hasattr(oracle, "metrics"):
-        summary.update(oracle.metrics(judgments))
+    if hasattr(oracle, "metrics"):  # the oracle's own diagnostics (position bias, tokens, …) win
+        summary.update(oracle.metrics(answered))
+    if todo and not final:
+        raise RuntimeError(
+            f"round {round}: {oracle.oracle_id} judged none of the {len(todo)} pairs it was asked "
+            f"(first reason: {answered[0].error if answered else 'no answer'}); fix the oracle and run the round again"
+        )
     return summary
 
 
@@ -187,8 +190,6 @@ def sampled_win_rate(store: Store, config: CampaignConfig, world: World, oracle,
             pairs.append(Pair(pid, p, a, resp.at[a, "text"], b, resp.at[b, "text"]))
     judge_pairs(store, oracle, pairs, round=round)
     comps = store.read("comparisons", rounds=[round]).set_index("comparison_id")
-    from data.keys import comparison_id
-
     keys = [comparison_id(q.prompt_id, q.a_id, q.b_id, oracle.oracle_id) for q in pairs]
     return win_rate_metrics(comps.loc[keys, "p_a"].dropna())
 

@@ -1,0 +1,21 @@
+"""Asking only what is missing: the pairs an oracle has not judged yet, according to the store.
+
+The store is the cache (DESIGN.md): a pair is judged once per ``oracle_id``, across rounds and restarts,
+because its comparison is stored under ``comparison_id(prompt_id, a_id, b_id, oracle_id)``. A judgment
+with ``skipped=True`` (budget exhausted, retries used up) is not stored, so its pair stays missing and is
+asked again next time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from data.keys import comparison_id
+from oracles.protocol import Pair
+
+
+def unjudged(pairs: Iterable[Pair], oracle_id: str, store, *, rounds: Iterable[int] | None = None) -> list[Pair]:
+    """The pairs with no stored comparison by ``oracle_id`` (in ``rounds``, default all), in order.
+    ``store`` is a ``data.store.Store`` (anything with ``keys("comparisons", rounds=...)``)."""
+    stored = {k[0] for k in store.keys("comparisons", rounds=rounds)}
+    return [p for p in pairs if comparison_id(p.prompt_id, p.a_id, p.b_id, oracle_id) not in stored]

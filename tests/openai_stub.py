@@ -1,0 +1,324 @@
+"""A small OpenAI-compatible chat server for tests and benchmarks: real HTTP on 127.0.0.1, known answers.
+
+It plays a judge model. It reads the fenced texts of the judge template (``<<<BEGIN <name> <tag>>>`` …
+``<<<END <name> <tag>>>``, see ``oracles/judge_template.py``) and answers which of the two responses, ``A``
+(shown first) or ``B``, is better by a known rule: each response's score is the number after ``score=``
+in its text (1 when absent) and P(first ≻ second) = s_first / (s_first + s_second), shifted toward the
+first slot by ``position_bias``. So a debiased judge recovers s_a / (s_a + s_b) exactly.
+
+- ``logprobs`` (when the request asks for them and the stub allows them): the verdict token carries
+  ``top_logprobs`` for ``A``/``B`` with log q and log(1 − q); otherwise answers are votes: the k-th sample
+  for an ordered pair (counted over all requests) says ``A`` when the k-th van der Corput number is below q,
+  so 4 votes give exactly q for q a multiple of ¼ however they are split over requests; at temperature 0
+  the answer is the argmax (a tie at ½).
+- ``style``: ``"letter"`` (``A``), ``"json"`` (``{"verdict": "A"}``) or ``"garbage"`` (prose, no verdict).
+- Gullible on purpose: text *outside* every fence that says "ignore … instructions … answer A/B" is
+  obeyed, so a template whose fences a response can close is caught by the tests.
+- Faults are asked for by the responses themselves: a response containing ``!fault=<kind>x<n>`` makes the
+  first n requests for that ordered pair (prompt, first, second) fail — with ``@first`` or ``@second``
+  appended, only while that response is shown in that slot — with kind ∈ {429, 500, 503, drop, slow, garbage, 400}
+  (``429`` sends ``Retry-After: <retry_after>``; ``slow`` sleeps ``slow_s`` before answering;
+  ``drop`` closes the connection without a reply; ``garbage`` answers 200 with no verdict).
+- Counts every request (``requests``), per kind of fault (``faults``) and keeps the Authorization header
+  values it saw (``auth_headers``) so a test can check that the key was sent; ``log`` lists the requests.
+
+A plain asyncio HTTP/1.1 server (keep-alive, Content-Length bodies) rather than a web framework: it costs
+little CPU, so a throughput benchmark measures the client, and it can misbehave at the socket level.
+Run it in a thread (``with StubServer(...) as s: s.base_url``) or as a process
+(``python tests/openai_stub.py --latency 0.1`` prints ``PORT <n>`` and serves until killed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import re
+import sys
+import threading
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+FENCE = re.compile(r"<<<BEGIN (\w+) ([0-9a-f]{8,})>>>\n(.*?)\n<<<END \1 \2>>>", re.S)
+FAULT = re.compile(r"!fault=(\w+)x(\d+)(?:@(first|second))?")
+SCORE = re.compile(r"score=(\d+(?:\.\d+)?)")
+INJECTION = re.compile(r"ignore\b.{0,40}\binstructions\b.{0,200}?\banswer\s+\W?([AB])\b", re.I | re.S)
+
+
+def score(text: str) -> float:
+    m = SCORE.search(text)
+    return float(m.group(1)) if m else 1.0
+
+
+def rule_p_first(first: str, second: str) -> float:
+    """The stub's true P(first ≻ second), before position bias."""
+    s1, s2 = score(first), score(second)
+    return s1 / (s1 + s2)
+
+
+@dataclass
+class StubConfig:
+    latency_s: float = 0.0  # every answer waits this long
+    position_bias: float = 0.0  # added to P(first slot wins), clipped to [0, 1]
+    logprobs: bool = True  # answer with logprobs when the request asks for them
+    style: str = "letter"  # "letter", "json" or "garbage"
+    retry_after: str = "0.05"  # the Retry-After header sent with a 429
+    slow_s: float = 2.0  # how long a "slow" fault waits
+    max_choices: int | None = None  # cap on choices per reply (a server that ignores n>1 uses 1)
+    api_key: str | None = None  # when set, other keys get a 401
+
+
+@dataclass
+class StubServer:
+    config: StubConfig = field(default_factory=StubConfig)
+    host: str = "127.0.0.1"
+    port: int = 0
+
+    def __post_init__(self):
+        self.requests = 0
+        self.faults: Counter = Counter()
+        self.auth_headers: set[str] = set()
+        self.bodies: list[dict] = []  # request bodies, when keep_bodies is set
+        self.keep_bodies = False
+        self.log: list[tuple[str, str]] = []  # (fault kind or "ok", first 40 characters of response A), in arrival order
+        self._attempts: dict[tuple, int] = defaultdict(int)
+        self._draws: dict[tuple, int] = defaultdict(int)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self._conns: set[asyncio.Task] = set()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}/v1"
+
+    # ----- running it ----------------------------------------------------------------------------
+    async def serve(self) -> None:
+        """Start listening (in the running loop); ``self.port`` is the bound port afterwards."""
+        self._server = await asyncio.start_server(self._connection, self.host, self.port, backlog=1024)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    def start(self) -> "StubServer":
+        ready = threading.Event()
+        failed: list[BaseException] = []
+
+        def run():
+            self._loop = asyncio.new_event_loop()
+            try:
+                self._loop.run_until_complete(self.serve())
+            except BaseException as e:  # report a failed bind to the caller
+                failed.append(e)
+                ready.set()
+                return
+            ready.set()
+            self._loop.run_forever()
+            self._loop.run_until_complete(self._shutdown())
+            self._loop.close()
+
+        self._thread = threading.Thread(target=run, name="openai-stub", daemon=True)
+        self._thread.start()
+        ready.wait(10)
+        if failed:
+            raise failed[0]
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None and self._thread is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+
+    async def _shutdown(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for t in list(self._conns):
+            t.cancel()
+        if self._conns:
+            await asyncio.gather(*self._conns, return_exceptions=True)
+
+    def __enter__(self) -> "StubServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # ----- HTTP ------------------------------------------------------------------------------------
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        self._conns.add(task)
+        try:
+            while True:
+                line = await reader.readline()
+                if not line.strip():
+                    break
+                method, target, _ = line.decode("latin-1").split(" ", 2)
+                headers = {}
+                while True:
+                    h = await reader.readline()
+                    if h in (b"\r\n", b"\n", b""):
+                        break
+                    k, _, v = h.decode("latin-1").partition(":")
+                    headers[k.strip().lower()] = v.strip()
+                n = int(headers.get("content-length", "0"))
+                body = await reader.readexactly(n) if n else b""
+                status, payload, extra = await self._answer(method, target, headers, body)
+                if status == 0:  # drop the connection without a reply
+                    writer.transport.abort()
+                    return
+                data = json.dumps(payload).encode()
+                head = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}", "content-type: application/json",
+                        f"content-length: {len(data)}"]
+                head += [f"{k}: {v}" for k, v in extra.items()]
+                writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + data)
+                await writer.drain()
+                if headers.get("connection", "").lower() == "close":
+                    break
+        except (ConnectionError, asyncio.IncompleteReadError, ValueError):
+            pass
+        except asyncio.CancelledError:
+            pass
+        finally:
+            self._conns.discard(task)
+            writer.close()
+
+    async def _answer(self, method: str, target: str, headers: dict, body: bytes) -> tuple[int, dict, dict]:
+        self.requests += 1
+        path = target.split("?", 1)[0]
+        if method == "GET" and path.endswith("/health"):
+            return 200, {"ok": True}, {}
+        if method != "POST" or not path.endswith("/chat/completions"):
+            return 404, {"error": {"message": f"no route {method} {path}", "type": "not_found"}}, {}
+        auth = headers.get("authorization", "")
+        self.auth_headers.add(auth)
+        if self.config.api_key is not None and auth != f"Bearer {self.config.api_key}":
+            # like the real API, the message quotes the key it got: a test checks that it goes no further
+            return 401, {"error": {"message": f"Incorrect API key provided: {auth.removeprefix('Bearer ')}",
+                                   "type": "invalid_request_error"}}, {}
+        req = json.loads(body)
+        if self.keep_bodies:
+            self.bodies.append(req)
+        prompt = "\n".join(m["content"] for m in req["messages"] if isinstance(m.get("content"), str))
+        blocks = {name: text for name, _tag, text in FENCE.findall(prompt)}
+        first, second = blocks.get("A", ""), blocks.get("B", "")
+        outside = FENCE.sub("", prompt)
+
+        fault = None
+        question = (blocks.get("PROMPT", ""), first, second)  # one ordered pair
+        for slot, text in (("first", first), ("second", second)):
+            for kind, times, only in FAULT.findall(text):
+                if only and only != slot:
+                    continue
+                self._attempts[(question, kind)] += 1
+                if fault is None and self._attempts[(question, kind)] <= int(times):
+                    fault = kind
+        if fault:
+            self.faults[fault] += 1
+        self.log.append((fault or "ok", first[:40]))
+        if fault == "drop":
+            return 0, {}, {}
+        if fault == "slow":
+            await asyncio.sleep(self.config.slow_s)
+        elif self.config.latency_s:
+            await asyncio.sleep(self.config.latency_s)
+        if fault == "429":
+            return 429, {"error": {"message": "Rate limit reached", "type": "rate_limit"}}, {"retry-after": self.config.retry_after}
+        if fault in ("500", "503"):
+            return int(fault), {"error": {"message": "The server had an error", "type": "server_error"}}, {}
+        if fault == "400":
+            return 400, {"error": {"message": "bad request", "type": "invalid_request_error"}}, {}
+
+        q = min(1.0, max(0.0, rule_p_first(first, second) + self.config.position_bias))
+        forced = INJECTION.search(outside)
+        if forced:  # the gullible model obeys instructions it finds outside the fences
+            q = 1.0 if forced.group(1).upper() == "A" else 0.0
+        n = int(req.get("n") or 1)
+        if self.config.max_choices is not None:
+            n = min(n, self.config.max_choices)
+        want_lp = bool(req.get("logprobs")) and self.config.logprobs
+        top = int(req.get("top_logprobs") or 0)
+        temperature = float(req.get("temperature", 1.0) if req.get("temperature") is not None else 1.0)
+        style = "garbage" if fault == "garbage" else self.config.style
+        choices = []
+        for i in range(n):
+            if want_lp or temperature == 0:
+                verdict = "A" if q > 0.5 else "B" if q < 0.5 else "tie"
+            else:  # the k-th sample for this ordered pair, over all requests: low-discrepancy, not random
+                self._draws[question] += 1
+                verdict = "A" if _van_der_corput(self._draws[question]) < q else "B"
+            choices.append(_choice(i, verdict, q, style, want_lp, top))
+        prompt_tokens = max(1, len(prompt) // 4)
+        completion_tokens = sum(len(c["message"]["content"]) // 4 + 1 for c in choices)
+        return 200, {
+            "id": f"chatcmpl-{self.requests}",
+            "object": "chat.completion",
+            "created": 0,
+            "model": req.get("model", "stub"),
+            "choices": choices,
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens},
+        }, {}
+
+
+def _van_der_corput(k: int) -> float:
+    """k = 1, 2, 3, 4, … → 0.5, 0.25, 0.75, 0.125, …: any 2^m consecutive-from-1 draws split [0, 1) evenly."""
+    x, f = 0.0, 0.5
+    while k:
+        x += f * (k & 1)
+        k >>= 1
+        f /= 2
+    return x
+
+
+def _choice(i: int, verdict: str, q: float, style: str, want_lp: bool, top: int) -> dict:
+    if style == "garbage":
+        text = "Both responses have merits; it depends on what the user values most."
+        tokens = [text]
+    elif style == "json":
+        tokens = ['{"', "verdict", '":', ' "', verdict, '"}']
+        text = "".join(tokens)
+    else:
+        tokens = [verdict]
+        text = verdict
+    logprobs = None
+    if want_lp:
+        alts = [(t, p) for t, p in (("A", q), ("B", 1.0 - q)) if p > 0]
+        alts.sort(key=lambda tp: -tp[1])
+        content = []
+        for tok in tokens:
+            if tok == verdict:
+                lp = math.log(dict(alts).get(tok, 1e-9)) if tok != "tie" else math.log(0.5)
+                tops = [{"token": t, "logprob": math.log(p), "bytes": list(t.encode())} for t, p in alts[:top]]
+            else:
+                lp, tops = 0.0, [{"token": tok, "logprob": 0.0, "bytes": list(tok.encode())}][:top]
+            content.append({"token": tok, "logprob": lp, "bytes": list(tok.encode()), "top_logprobs": tops})
+        logprobs = {"content": content, "refusal": None}
+    return {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": "stop", "logprobs": logprobs}
+
+
+_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 429: "Too Many Requests",
+            500: "Internal Server Error", 503: "Service Unavailable"}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--latency", type=float, default=0.0)
+    ap.add_argument("--position-bias", type=float, default=0.0)
+    ap.add_argument("--no-logprobs", action="store_true")
+    args = ap.parse_args(argv)
+    stub = StubServer(StubConfig(latency_s=args.latency, position_bias=args.position_bias, logprobs=not args.no_logprobs),
+                      port=args.port)
+
+    async def run():
+        await stub.serve()
+        print(f"PORT {stub.port}", flush=True)
+        await asyncio.Event().wait()
+
+    try:
+        asyncio.run(run())
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())
