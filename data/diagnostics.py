@@ -1,0 +1,165 @@
+"""Are these preferences intransitive? Diagnostics over the comparisons table (pandas and numpy only).
+
+Two numbers tell a team whether Nash methods matter for its data:
+
+- ``cycle_share``: among a prompt's response triples whose three pairs each rest on at least
+  ``min_votes`` votes, the share whose majority preferences form a cycle (i ≻ j ≻ k ≻ i). A
+  Bradley–Terry (scalar reward) world has none; a population of annotators who weigh different
+  properties has some (Condorcet).
+- the held-out log-loss gap between a Bradley–Terry fit and a pairwise fit (``logloss_gap``, from the
+  two models' predicted probabilities; ``solvers/preference_model.compare_bt_pairwise`` trains both).
+  BT can only order responses, so a gap well above zero says the data holds preferences no reward
+  model can represent.
+
+``prediction_metrics`` is the one home of the scores a preference model reports on held-out pairs:
+log-loss, accuracy and expected calibration error, all weighted by votes, with soft labels.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+
+EPS = 1e-12  # predicted probabilities are clipped to [EPS, 1 − EPS] inside the log-loss
+
+
+def pair_preferences(comparisons: pd.DataFrame) -> pd.DataFrame:
+    """One row per prompt and unordered pair of responses: ``i`` < ``j`` (by id), ``p`` = P̂(i ≻ j)
+    pooled over both orders of presentation and every oracle in ``comparisons`` (a vote-weighted mean,
+    a judgment of (j, i) counting as 1 − p), and ``votes``, their total. Rows without a judgment
+    (p_a missing or no votes) are left out."""
+    c = comparisons[comparisons["p_a"].notna() & (comparisons["n_votes"] > 0)]
+    if c.empty:
+        return pd.DataFrame({"prompt_id": [], "i": [], "j": [], "p": [], "votes": []})
+    swap = (c["a_id"] > c["b_id"]).to_numpy()
+    a, b = c["a_id"].to_numpy(), c["b_id"].to_numpy()
+    p = c["p_a"].to_numpy(dtype=float)
+    w = c["n_votes"].to_numpy(dtype=float)
+    frame = pd.DataFrame({
+        "prompt_id": c["prompt_id"].to_numpy(),
+        "i": np.where(swap, b, a),
+        "j": np.where(swap, a, b),
+        "wp": w * np.where(swap, 1.0 - p, p),
+        "votes": w,
+    })
+    g = frame.groupby(["prompt_id", "i", "j"], as_index=False, sort=True)[["wp", "votes"]].sum()
+    g["p"] = g["wp"] / g["votes"]
+    return g[["prompt_id", "i", "j", "p", "votes"]]
+
+
+def cycle_share(comparisons: pd.DataFrame, *, min_votes: float = 1, min_margin: float = 0.0) -> dict:
+    """Share of prompt-level response triples that form a preference cycle.
+
+    A triple counts when each of its three pairs rests on at least ``min_votes`` votes (both orders and
+    all oracles pooled, see ``pair_preferences``). It is a cycle when its majority preferences go round:
+    i ≻ j, j ≻ k, k ≻ i, each with P̂ > ½ + ``min_margin`` (a tie, or a margin below it, breaks the
+    cycle). Per prompt, with W the 0/1 matrix of clear preferences and E that of pairs with enough
+    votes: cycles = trace(W³)/3 (each directed 3-cycle is counted once per vertex), triples =
+    trace(E³)/6.
+
+    Returns ``cycle_share`` (None when no triple counts), ``triples``, ``cyclic_triples`` and
+    ``prompts`` (prompts with at least one counted triple).
+    """
+    if min_margin < 0 or min_margin >= 0.5:
+        raise ValueError(f"min_margin must be in [0, 0.5), got {min_margin}")
+    pairs = pair_preferences(comparisons)
+    triples = cycles = prompts = 0
+    for _, g in pairs[pairs["votes"] >= min_votes].groupby("prompt_id", sort=False):
+        ids = sorted(set(g["i"]) | set(g["j"]))
+        if len(ids) < 3:
+            continue
+        index = {r: n for n, r in enumerate(ids)}
+        i = g["i"].map(index).to_numpy()
+        j = g["j"].map(index).to_numpy()
+        p = g["p"].to_numpy()
+        E = np.zeros((len(ids), len(ids)), dtype=np.int64)
+        E[i, j] = E[j, i] = 1
+        W = np.zeros_like(E)
+        W[i, j] = p > 0.5 + min_margin
+        W[j, i] = p < 0.5 - min_margin
+        t = int(np.trace(E @ E @ E)) // 6
+        if t:
+            triples += t
+            cycles += int(np.trace(W @ W @ W)) // 3
+            prompts += 1
+    return {"cycle_share": cycles / triples if triples else None, "triples": triples, "cyclic_triples": cycles, "prompts": prompts}
+
+
+def prediction_metrics(p_true, p_pred, weights=None, *, bins: int = 10) -> dict:
+    """How well predicted P(a ≻ b) match soft labels, weighted by ``weights`` (votes):
+
+    logloss        Σ w · −[p log q + (1 − p) log(1 − q)] / Σ w (q clipped to [1e−12, 1 − 1e−12])
+    logloss_floor  the same with q = p: the labels' own entropy, the least any model can reach
+    accuracy       among pairs with p ≠ ½: weighted share with q on p's side of ½ (q = ½ counts half)
+    ece            expected calibration error: q cut into ``bins`` equal bins; Σ_bins (mass of the bin)
+                   · |mean q − mean p| in the bin (Naeini et al. 2015, AAAI, "Obtaining well calibrated
+                   probabilities using Bayesian binning")
+    pairs, votes   how many pairs and votes these rest on
+    """
+    p = np.asarray(p_true, dtype=float)
+    q = np.asarray(p_pred, dtype=float)
+    w = np.ones_like(p) if weights is None else np.asarray(weights, dtype=float)
+    if not (p.shape == q.shape == w.shape) or p.ndim != 1:
+        raise ValueError(f"p_true, p_pred and weights must be 1-D of one length, got {p.shape}, {q.shape}, {w.shape}")
+    if p.size == 0:
+        raise ValueError("prediction_metrics: no pairs")
+    for name, x in (("p_true", p), ("p_pred", q)):
+        if not np.all(np.isfinite(x)) or x.min() < 0 or x.max() > 1:
+            raise ValueError(f"{name} must hold probabilities in [0, 1]; found {x[~(np.isfinite(x) & (x >= 0) & (x <= 1))][:5]}")
+    if not np.all(np.isfinite(w)) or w.min() <= 0:
+        raise ValueError("weights must be positive and finite")
+    total = w.sum()
+    decided = p != 0.5
+    hit = np.where(q == 0.5, 0.5, ((q > 0.5) == (p > 0.5)).astype(float))
+    which = np.minimum((q * bins).astype(int), bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        m = which == b
+        if m.any():
+            ece += abs(np.sum(w[m] * (q[m] - p[m]))) / total
+    return {
+        "logloss": float(np.sum(w * _bce(p, q)) / total),
+        "logloss_floor": float(np.sum(w * _bce(p, p)) / total),
+        "accuracy": float(np.sum((w * hit)[decided]) / w[decided].sum()) if decided.any() else None,
+        "ece": float(ece),
+        "pairs": int(p.size),
+        "votes": float(total),
+    }
+
+
+def logloss_gap(p_true, p_bt, p_pairwise, weights=None) -> dict:
+    """The Bradley–Terry fit's held-out log-loss minus the pairwise fit's, on the same pairs. Above zero:
+    the pairwise model explains what a scalar reward cannot (on intransitive data, where BT must get at
+    least one pair of every cycle wrong)."""
+    bt = prediction_metrics(p_true, p_bt, weights)["logloss"]
+    pw = prediction_metrics(p_true, p_pairwise, weights)["logloss"]
+    return {"logloss_bt": bt, "logloss_pairwise": pw, "logloss_gap": bt - pw}
+
+
+def intransitivity(store, *, rounds=None, oracle_ids=None, min_votes: float = 1, min_margin: float = 0.0) -> dict:
+    """``cycle_share`` over a store's comparisons (optionally some rounds and oracles), as round metrics
+    namespaced ``intransitivity/``. Judgments that a learned model made are left out (``detail``'s
+    ``answered_by``, or the oracle id, of kind ``learned``): a model's own cycles say nothing about the
+    people or judges it imitates."""
+    c = store.read("comparisons", rounds=rounds, columns=["prompt_id", "a_id", "b_id", "oracle_id", "p_a", "n_votes", "detail"])
+    if oracle_ids is not None:
+        c = c[c["oracle_id"].isin(set(oracle_ids))]
+    c = c[[answered_by_kind(o, d) != "learned" for o, d in zip(c["oracle_id"], c["detail"])]]
+    out = cycle_share(c, min_votes=min_votes, min_margin=min_margin)
+    return {f"intransitivity/{k}": v for k, v in out.items()}
+
+
+def answered_by_kind(oracle_id: str, detail: str | None) -> str:
+    """The kind (``oracle_id``'s first part, see oracles/protocol.make_oracle_id) of the oracle that
+    made a stored judgment: ``detail["answered_by"]`` when a cascade stored it, else the row's own."""
+    who = oracle_id
+    if isinstance(detail, str) and '"answered_by"' in detail:
+        who = json.loads(detail).get("answered_by") or oracle_id
+    return who.split(":", 1)[0]
+
+
+def _bce(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    q = np.clip(q, EPS, 1 - EPS)
+    return -(p * np.log(q) + (1 - p) * np.log1p(-q))
