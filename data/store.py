@@ -230,6 +230,8 @@ def _to_arrow(spec: Table, rows: Rows) -> pa.Table:
         rows = list(rows)
         names, n = list(dict.fromkeys(k for r in rows for k in r)), len(rows)
         column = lambda name: [r.get(name) for r in rows]  # noqa: E731
+    if n == 0:
+        return spec.schema.empty_table()
     missing = [f.name for f in spec.schema if f.name not in names and not f.nullable]
     if missing:
         raise StoreError(f"{spec.name}: missing required column(s) {missing}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 
 import pandas as pd
@@ -16,18 +17,75 @@ def _key(*parts) -> str:
     return "-".join(str(p) for p in parts).lower().replace("_", "-").replace(".", "-")
 
 
-def publish_round(campaign: str, round: int, metrics: dict, timings: dict, plot_path: str | None) -> None:
+HEADLINE = (
+    "eval/duality_gap",
+    "eval/duality_gap_exact_solver",
+    "eval/kl_to_nash",
+    "eval/win_rate_vs_ref",
+    "eval/win_rate_ci95",
+    "pref/pairs",
+    "pref/judged_now",
+    "pref/cached",
+    "pref/abstained",
+    "cost/usd",
+)
+MAX_INLINE_PLOT = 400_000  # bytes of PNG embedded in the summary; a bigger plot is shown as its path
+
+
+def publish_round(campaign: str, round: int, metrics: dict, timings: dict, plot_path: str | None, *, store: Store | None = None, solver: str | None = None) -> None:
+    """The round's artifacts: a table of every metric (``<campaign>-round-<r>-metrics``) and a markdown
+    summary with its key numbers and the plot of all rounds (``<campaign>-summary``, one version per
+    round, so the Artifacts page shows the latest and keeps the history)."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     table = [{"metric": k, "value": _fmt(v)} for k, v in sorted(metrics.items())]
     table += [{"metric": f"perf/seconds_{k}", "value": _fmt(v)} for k, v in sorted(timings.items())]
     create_table_artifact(key=_key(campaign, "round", round, "metrics"), table=table, description=f"{campaign}: metrics of round {round}")
-    headline = [f"- **{k}**: {_fmt(metrics[k])}" for k in ("eval/duality_gap", "eval/duality_gap_exact_solver", "eval/kl_to_nash", "eval/win_rate_vs_ref", "pref/judged_now", "pref/abstained", "cost/usd") if k in metrics]
-    md = "\n".join(
-        [f"## {campaign} — round {round}", "", *headline, "", f"Stages took {sum(timings.values()):.1f} s: " + ", ".join(f"{k} {v:.2f} s" for k, v in timings.items())]
-        + ([f"", f"Plot of all rounds: `{plot_path}`"] if plot_path else [])
-    )
-    create_markdown_artifact(key=_key(campaign, "summary"), markdown=md, description=f"{campaign}: latest round summary")
+    create_markdown_artifact(key=_key(campaign, "summary"), markdown=summary_markdown(campaign, round, metrics, timings, plot_path, store=store, solver=solver), description=f"{campaign}: round {round} summary")
+
+
+def summary_markdown(campaign: str, round: int, metrics: dict, timings: dict, plot_path: str | None, *, store: Store | None = None, solver: str | None = None) -> str:
+    rows = [f"| {k} | {_fmt(metrics[k])} |" for k in HEADLINE if k in metrics]
+    lines = [f"## {campaign} — round {round}" + (f" ({solver})" if solver else ""), "", "| metric | value |", "|---|---|", *rows, ""]
+    lines.append(f"Stages took {sum(timings.values()):.1f} s: " + ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()))
+    if plot_path:
+        png = _plot_bytes(store)
+        if png is not None and len(png) <= MAX_INLINE_PLOT:
+            lines += ["", f"![metrics of every round](data:image/png;base64,{base64.b64encode(png).decode()})"]
+        lines += ["", f"Plot of all rounds: `{plot_path}`"]
+    return "\n".join(lines)
+
+
+def _plot_bytes(store: Store | None) -> bytes | None:
+    if store is None or not store.exists(PLOT):
+        return None
+    return store.read_bytes(PLOT)
+
+
+class JudgeProgress:
+    """A Prefect progress artifact (``<campaign>-judge-progress``) that fills as the judge stage stores
+    each chunk of answers: the UI shows how far a long judging stage is."""
+
+    def __init__(self, campaign: str, round: int, phase: str, oracle_id: str, pairs: int):
+        from prefect.artifacts import create_progress_artifact
+
+        self.what = f"{campaign} round {round} {phase}: {oracle_id} on {pairs} pairs"
+        self.id = create_progress_artifact(progress=0.0, key=_key(campaign, "judge-progress"), description=self.what)
+
+    def update(self, done: int, todo: int) -> None:
+        """``stages.judge_pairs``' on_chunk: ``done`` of the ``todo`` pairs the store did not hold."""
+        from prefect.artifacts import update_progress_artifact
+
+        update_progress_artifact(self.id, progress=100.0 * done / max(todo, 1))
+
+    def finish(self, summary: dict) -> None:
+        from prefect.artifacts import update_progress_artifact
+
+        update_progress_artifact(
+            self.id,
+            progress=100.0,
+            description=f"{self.what}: {summary['pref/judged_now']} judged now, {summary['pref/cached']} from the store, ${summary['cost/usd']:.4f}",
+        )
 
 
 def _fmt(v) -> str:

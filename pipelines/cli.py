@@ -64,6 +64,7 @@ SHORT_NAMES = {
     "eval/kl_to_nash": "KL(π*‖π)",
     "eval/win_rate_vs_ref": "win vs ref",
     "eval/win_rate_ci95": "±95%",
+    "intransitivity/cycle_share": "cyclic triples",
     "pref/judged_now": "judged",
     "pref/abstained": "abstained",
     "cost/usd": "cost $",

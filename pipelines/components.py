@@ -108,6 +108,18 @@ def build_oracle(config: CampaignConfig, world: World):
     raise ValueError(f"unknown oracle kind {cfg.kind!r}")
 
 
+def campaign_oracle_ids(config: CampaignConfig, world: World) -> set[str]:
+    """The oracles whose judgments this campaign's solver reads: the machine oracle and/or people."""
+    ids = set()
+    if config.oracle is not None:
+        ids.add(build_oracle(config, world).oracle_id)
+    if config.humans is not None:
+        from pipelines.human import people_oracle_id
+
+        ids.add(people_oracle_id(config))
+    return ids
+
+
 def solver_params(config: CampaignConfig) -> tabular.Params:
     s = config.solver
     return tabular.Params(s.algorithm, s.beta, s.eta, s.history, tuple(s.weights) if s.weights else None, s.schedule)

@@ -127,6 +127,23 @@ class LLMJudgeOracleConfig(Strict):
     budget_usd: float | None = Field(None, gt=0, description="spend cap per judge stage; pairs past it are left for a later run")
 
 
+class HumansConfig(Strict):
+    """People in Label Studio as the oracle for a share of each round's pairs (the rest go to ``oracle``).
+    URL and token are named, never written here."""
+
+    share: float = Field(1.0, gt=0.0, le=1.0, description="share of each round's pairs shown to people (1 = all)")
+    url: str | None = Field(None, description="the Label Studio server; None reads url_env")
+    url_env: str = Field("LABEL_STUDIO_URL", description="environment variable with the server's URL")
+    api_key_secret: str | None = Field(None, description="name of a Prefect Secret block holding the token")
+    api_key_env: str | None = Field("LABEL_STUDIO_API_KEY", description="environment variable holding the token")
+    overlap: int = Field(1, ge=1, description="people asked per pair; P(a ≻ b) is their vote share (ties count ½)")
+    project_id: int | None = Field(None, description="an existing project to use instead of finding it by title")
+    quorum: float = Field(0.9, gt=0.0, le=1.0, description="share of the round's pairs with `overlap` votes before the round moves on; the rest are collected later, into their round")
+    poll_interval_s: float = Field(10.0, gt=0, description="how often a waiting round collects")
+    wait_timeout_s: float = Field(3600.0, gt=0, description="a round run in place (not from a deployment) gives up waiting after this")
+    suspend_timeout_s: float = Field(7 * 24 * 3600.0, gt=0, description="a deployment's round suspended for people fails after this")
+
+
 class EvaluationConfig(Strict):
     """Win-rate of each round's policy against the reference on held-out prompts."""
 
@@ -172,7 +189,8 @@ class CampaignConfig(Strict):
     games: list[GameSpec] | None = Field(None, min_length=1, description="the tabular world: one prompt per game")
     prompts: PromptsConfig | None = Field(None, description="a language-model campaign's prompts")
     policy: PolicyConfig = TabularPolicyConfig()
-    oracle: OracleConfig = MatrixOracleConfig()
+    oracle: OracleConfig | None = Field(None, description="the machine oracle: judges every pair, or those not shown to people")
+    humans: HumansConfig | None = Field(None, description="people in Label Studio for a share of the pairs")
     solver: SolverConfig = SolverConfig()
     sampling: SamplingConfig = SamplingConfig()
     pairing: PairingConfig = PairingConfig()
@@ -186,7 +204,9 @@ class CampaignConfig(Strict):
             raise ValueError("a tabular policy needs `games` (one finite game per prompt)")
         if not tabular and not self.prompts:
             raise ValueError("a causal_lm policy needs `prompts`")
-        if self.oracle.kind == "matrix" and not self.games:
+        if self.oracle is None and (self.humans is None or self.humans.share < 1.0):
+            raise ValueError("`oracle` is required unless humans.share is 1 (people judge every pair)")
+        if self.oracle is not None and self.oracle.kind == "matrix" and not self.games:
             raise ValueError("the matrix oracle judges the responses of `games`; this campaign has none")
         algorithm = self.solver.algorithm
         if tabular and algorithm in LM_ONLY:

@@ -7,12 +7,15 @@ off (its default key includes the run id, and the store already makes every stag
 
 from __future__ import annotations
 
+import time
+
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from data import Store
-from pipelines import artifacts, stages
-from pipelines.components import World, build_oracle, load_policy, phases, version
+from pipelines import artifacts, secrets, stages
+from pipelines import human
+from pipelines.components import World, build_oracle, campaign_oracle_ids, load_policy, phases, version
 from pipelines.config import CampaignConfig
 from pipelines.progress import reporter
 
@@ -23,13 +26,26 @@ def _sampler_version(config: CampaignConfig, round: int, phase: str) -> str:
     return version(round, "midpoint") if (two_phase and phase == "update") else version(round - 1)
 
 
-@task(name="sample-responses", task_run_name="{config.name}-r{round}-{phase}-sample", cache_policy=NO_CACHE)
+def _worth_retrying(task, task_run, state) -> bool:
+    """Retry what may pass the next time (a server, the network, a device), not a bad config or data
+    (ValueError and the like) nor a loss that went NaN (FloatingPointError): those fail the same way."""
+    error = state.result(raise_on_failure=False)
+    return not isinstance(error, (ValueError, TypeError, KeyError, ArithmeticError))
+
+
+@task(
+    name="sample-responses", task_run_name="{config.name}-r{round}-{phase}-sample", cache_policy=NO_CACHE,
+    retries=2, retry_delay_seconds=10, retry_condition_fn=_worth_retrying,
+)
+@secrets.scrub_errors
 def sample_task(config: CampaignConfig, round: int, phase: str) -> dict:
-    store, world = Store(config.store), World(config)
+    store, world, started = Store(config.store), World(config), time.perf_counter()
     v = _sampler_version(config, round, phase)
     policy = load_policy(store, v, config, world)
     out = stages.sample_responses(store, policy, world.prompts, round=round, policy_version=v, k=config.sampling.samples_per_prompt, seed=config.seed)
-    get_run_logger().info("round %d %s: sampled %d responses from %s (%d already stored)", round, phase, out["sampled"], v, out["already_stored"])
+    get_run_logger().info(
+        "round %d %s: sampled %d responses from %s (%d already stored) in %.1f s", round, phase, out["sampled"], v, out["already_stored"], time.perf_counter() - started
+    )
     return out
 
 
@@ -43,34 +59,65 @@ def pair_task(config: CampaignConfig, round: int, phase: str) -> list:
     return pairs
 
 
-@task(name="judge-pairs", task_run_name="{config.name}-r{round}-{phase}-judge", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
+@task(
+    name="judge-pairs", task_run_name="{config.name}-r{round}-{phase}-judge", cache_policy=NO_CACHE,
+    retries=2, retry_delay_seconds=5, retry_condition_fn=_worth_retrying,
+)
+@secrets.scrub_errors
 def judge_task(config: CampaignConfig, round: int, phase: str, pairs: list) -> dict:
-    store, world = Store(config.store), World(config)
+    store, world, started = Store(config.store), World(config), time.perf_counter()
     oracle = build_oracle(config, world)
-    out = stages.judge_pairs(store, oracle, pairs, round=round)
+    progress = artifacts.JudgeProgress(config.name, round, phase, oracle.oracle_id, len(pairs))
+    out = stages.judge_pairs(store, oracle, pairs, round=round, on_chunk=progress.update)
+    progress.finish(out)
     get_run_logger().info(
-        "round %d %s: %s judged %d pairs (%d from the store, %d abstained, $%.4f)",
-        round, phase, oracle.oracle_id, out["pref/judged_now"], out["pref/cached"], out["pref/abstained"], out["cost/usd"],
+        "round %d %s: %s judged %d pairs (%d from the store, %d abstained, %d skipped, $%.4f) in %.1f s",
+        round, phase, oracle.oracle_id, out["pref/judged_now"], out["pref/cached"], out["pref/abstained"], out["pref/skipped"], out["cost/usd"],
+        time.perf_counter() - started,
     )
     return out
 
 
-@task(name="update-policy", task_run_name="{config.name}-r{round}-{phase}-update", cache_policy=NO_CACHE, tags=["gpu"])
+def _unfinished_update(config: CampaignConfig, store: Store, new_version: str) -> str | None:
+    """The step checkpoint a killed causal-LM update left (lm_update keeps them in checkpoints/.work-<version>)."""
+    if config.policy.kind != "causal_lm" or not store.is_local or not store.exists(f"checkpoints/.work-{new_version}"):
+        return None
+    from solvers.checkpoint import latest_checkpoint
+
+    last = latest_checkpoint(store.local_path(f"checkpoints/.work-{new_version}"))
+    return str(last) if last else None
+
+
+# tags=["gpu"]: a concurrency limit on the tag (`prefect concurrency-limit create gpu 1`) lets one update
+# at a time hold the GPU. One retry: a killed or failed update resumes from its step checkpoints.
+@task(
+    name="update-policy", task_run_name="{config.name}-r{round}-{phase}-update", cache_policy=NO_CACHE, tags=["gpu"],
+    retries=1, retry_delay_seconds=10, retry_condition_fn=_worth_retrying,
+)
 def update_task(config: CampaignConfig, round: int, phase: str) -> dict:
-    store, world = Store(config.store), World(config)
-    oracle_ids = {build_oracle(config, world).oracle_id}
+    store, world, started = Store(config.store), World(config), time.perf_counter()
+    logger = get_run_logger()
+    oracle_ids = campaign_oracle_ids(config, world)
     v = _sampler_version(config, round, phase)
+    if resumed := _unfinished_update(config, store, version(round, phase)):
+        logger.info("round %d %s: an earlier attempt of this update stopped; resuming from its step checkpoint %s", round, phase, resumed)
     out = stages.update_policy(store, config, world, round=round, phase=phase, sampled_version=v, oracle_ids=oracle_ids)
-    get_run_logger().info("round %d %s: %s → %s on %s judged pairs", round, phase, config.solver.algorithm, out["version"], out.get("judged_pairs_used", "stored"))
+    if out.get("already_stored"):
+        logger.info("round %d %s: %s is already in the store; nothing to train", round, phase, out["version"])
+    else:
+        logger.info(
+            "round %d %s: %s → %s on %s judged pairs in %.1f s", round, phase, config.solver.algorithm, out["version"], out.get("judged_pairs_used"), time.perf_counter() - started
+        )
     return out
 
 
 @task(name="evaluate-policy", task_run_name="{config.name}-r{round}-evaluate", cache_policy=NO_CACHE)
+@secrets.scrub_errors
 def evaluate_task(config: CampaignConfig, round: int, stage_metrics: dict, timings: dict) -> dict:
     store = Store(config.store)
     metrics = stages.evaluate_policy(store, config, World(config), round=round, stage_metrics=stage_metrics, timings=timings)
     plot = artifacts.plot_metrics(store, stages.rounds_table(store))
-    artifacts.publish_round(config.name, round, metrics, timings, plot)
+    artifacts.publish_round(config.name, round, metrics, timings, plot, store=store, solver=config.solver.algorithm)
     get_run_logger().info("round %d: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith("eval/")), round)
     return metrics
 
@@ -89,8 +136,12 @@ def alignment_round(config: CampaignConfig, round: int) -> dict:
         with watch("pair"):
             pairs = pair_task(config, round, phase)
         reporter().stage(round, f"{prefix}judge")
+        to_people, to_machine = human.split_for_people(pairs, config)
         with watch("judge"):
-            judged = judge_task(config, round, phase, pairs)
+            judged = judge_task(config, round, phase, to_machine) if to_machine else {}
+        if to_people:
+            with watch("people"):
+                judged |= human.await_people(config, round, to_people)
         stage_metrics.update({prefix + k: v for k, v in judged.items()})
         reporter().stage(round, f"{prefix}update")
         with watch("update"):

@@ -12,12 +12,14 @@ import numpy as np
 import pandas as pd
 
 from data import Store, comparison_id, prompt_id, response_id
+from data.diagnostics import intransitivity
 from data.keys import stable_hash
 from oracles.protocol import Pair
 from oracles.resume import unjudged
 from pipelines.components import (
     World,
     build_oracle,
+    campaign_oracle_ids,
     checkpoint_dir,
     has_checkpoint,
     load_policy,
@@ -198,9 +200,14 @@ def evaluate_policy(store: Store, config: CampaignConfig, world: World, *, round
     """Metrics of the round's new policy; writes the round's row (a repeated write adds nothing)."""
     if config.policy.kind == "tabular":
         evaluation = ground_truth_metrics(load_policy(store, version(round), config, world), world, config, round)
-    else:
+    elif config.oracle is not None and world.eval_prompts:
         evaluation = sampled_win_rate(store, config, world, build_oracle(config, world), round=round)
-    metrics = {**stage_metrics, **evaluation}
+    else:  # people alone judge this campaign: no machine to ask about held-out pairs
+        evaluation = {}
+    # how intransitive the judgments so far are: a share of cyclic triples near zero means a reward
+    # model would do; well above it, only a Nash method can represent the preferences
+    cycles = intransitivity(store, rounds=range(round + 1), oracle_ids=campaign_oracle_ids(config, world))
+    metrics = {**stage_metrics, **evaluation, **{k: v for k, v in cycles.items() if v is not None}}
     row = {
         "round": round,
         "policy_version": version(round),

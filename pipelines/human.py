@@ -1,0 +1,189 @@
+"""People as the oracle: a round submits its pairs to Label Studio and waits for a quorum of votes.
+
+Waiting is graceful either way:
+- a round run from a deployment (a top-level flow run) suspends itself (``suspend_flow_run``): no process
+  waits. The scheduled ``collect_annotations`` flow pulls finished votes into the store and resumes the
+  round once its quorum is reached; the round's body then runs again from the top, and because every
+  stage is idempotent it collects rather than resubmits;
+- a round run in place (the CLI, a notebook, a subflow of a campaign) polls with a timeout and logs its
+  progress.
+Votes that arrive after their round moved on are still collected, into their own round.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import get_client
+from prefect.flow_runs import suspend_flow_run
+from prefect.runtime import deployment, flow_run
+
+from data import Store, comparison_id
+from data.keys import stable_hash
+from oracles.protocol import Pair
+from pipelines.config import CampaignConfig
+
+WAITING = "human/waiting"  # store folder: one marker per round suspended for people
+
+
+def people_oracle(config: CampaignConfig):
+    """The campaign's Label Studio oracle; URL and token are read where it runs, never stored."""
+    from oracles.label_studio import LabelStudioConfig, LabelStudioOracle
+    from pipelines.secrets import resolve
+
+    h = config.humans
+    url = h.url or os.environ.get(h.url_env)
+    if not url:
+        raise ValueError(f"humans: no Label Studio URL (set humans.url or the environment variable {h.url_env})")
+    settings = LabelStudioConfig(campaign=config.name, overlap=h.overlap, project_id=h.project_id)
+    return LabelStudioOracle(settings, url=url, api_key=resolve(h.api_key_secret, h.api_key_env))
+
+
+def people_oracle_id(config: CampaignConfig) -> str:
+    from oracles.label_studio import LabelStudioConfig
+
+    return LabelStudioConfig(campaign=config.name, overlap=config.humans.overlap).oracle_id
+
+
+def split_for_people(pairs: list[Pair], config: CampaignConfig) -> tuple[list[Pair], list[Pair]]:
+    """(pairs for people, pairs for the machine oracle): a fixed draw per pair, so a rerun splits alike."""
+    share = config.humans.share if config.humans else 0.0
+    if share >= 1.0:
+        return pairs, []
+    to_people = [int(stable_hash(config.seed, p.prompt_id, p.a_id, p.b_id, "people", length=8), 16) / 16**16 < share for p in pairs]
+    return [p for p, h in zip(pairs, to_people) if h], [p for p, h in zip(pairs, to_people) if not h]
+
+
+def collect_into_store(store: Store, people) -> dict:
+    """Write every finished annotation into the store, each in its own round; returns a summary."""
+    got = people.collect()
+    written = store.write("comparisons", got.rows())
+    return {"collected": len(written), "problems": [p.message for p in got.problems], "got": got}
+
+
+def submit_and_collect(store: Store, config: CampaignConfig, pairs: list[Pair], *, round: int) -> dict:
+    """Submit the round's pairs not yet judged by people (idempotent), collect what is finished, and say
+    how far the round's quorum is."""
+    people = people_oracle(config)
+    stored = {k[0] for k in store.keys("comparisons")}
+    todo = [p for p in pairs if comparison_id(p.prompt_id, p.a_id, p.b_id, people.oracle_id) not in stored]
+    submitted = people.submit(todo, round=round) if todo else None
+    collected = collect_into_store(store, people)
+    got = collected["got"]
+    per_round = got.metrics().get(round, {})
+    return {
+        "human/pairs": len(pairs),
+        "human/submitted_now": submitted.created if submitted else 0,
+        "human/collected_now": collected["collected"],
+        "human/quorum": got.quorum(round=round) if pairs else 1.0,
+        "human/problems": len(collected["problems"]),
+        **{f"human/{k.removeprefix('human/')}": v for k, v in per_round.items() if isinstance(v, (int, float))},
+    }
+
+
+def wait_in_place(store: Store, config: CampaignConfig, pairs: list[Pair], *, round: int, log) -> dict:
+    """Poll until the round's quorum is reached or ``wait_timeout_s`` passes."""
+    deadline = time.monotonic() + config.humans.wait_timeout_s
+    while True:
+        status = submit_and_collect(store, config, pairs, round=round)
+        if status["human/quorum"] >= config.humans.quorum:
+            return status
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"round {round}: people have answered {status['human/quorum']:.0%} of {len(pairs)} pairs, below the quorum of "
+                f"{config.humans.quorum:.0%} after {config.humans.wait_timeout_s:.0f} s; run the round again later: it collects, it does not resubmit"
+            )
+        log.info("round %d: waiting for people: %.0f%% of %d pairs have their votes (quorum %.0f%%)", round, 100 * status["human/quorum"], len(pairs), 100 * config.humans.quorum)
+        time.sleep(config.humans.poll_interval_s)
+
+
+def mark_waiting(store: Store, round: int, flow_run_id: str) -> None:
+    store.write_bytes(f"{WAITING}/round-{round}.json", json.dumps({"round": round, "flow_run_id": flow_run_id}).encode())
+
+
+def waiting_rounds(store: Store) -> list[dict]:
+    import pyarrow.fs as pafs
+
+    base = store.path(WAITING)
+    if store.fs.get_file_info(base).type == pafs.FileType.NotFound:
+        return []
+    out = []
+    for info in store.fs.get_file_info(pafs.FileSelector(base)):
+        if info.base_name.startswith("round-") and info.base_name.endswith(".json"):
+            out.append(json.loads(store.read_bytes(f"{WAITING}/{info.base_name}")))
+    return sorted(out, key=lambda m: m["round"])
+
+
+def clear_waiting(store: Store, round: int) -> None:
+    path = store.path(f"{WAITING}/round-{round}.json")
+    import pyarrow.fs as pafs
+
+    if store.fs.get_file_info(path).type != pafs.FileType.NotFound:
+        store.fs.delete_file(path)
+
+
+# ----- Prefect: waiting for people, and the scheduled collection -----------------------------------------
+
+
+def can_suspend() -> bool:
+    """Only a top-level run of a deployment can be suspended (its worker starts it again on resume)."""
+    return bool(deployment.id) and not flow_run.parent_flow_run_id
+
+
+def await_people(config: CampaignConfig, round: int, pairs: list[Pair]) -> dict:
+    """Submit the round's pairs to people and return once a quorum has voted: by suspending the run
+    (deployments) or by polling (everything else)."""
+    store, log = Store(config.store), get_run_logger()
+    status = submit_to_people_task(config, round, pairs)
+    log.info("round %d: %d pairs for people (%d submitted now), %.0f%% have their votes", round, len(pairs), status["human/submitted_now"], 100 * status["human/quorum"])
+    if status["human/quorum"] < config.humans.quorum and can_suspend():
+        mark_waiting(store, round, str(flow_run.id))
+        log.info("round %d: suspending until people reach the quorum; the collect-annotations deployment resumes it", round)
+        suspend_flow_run(timeout=int(config.humans.suspend_timeout_s), key=f"{config.name}-round-{round}-people-{stable_hash(*sorted(p.a_id + p.b_id for p in pairs), length=6)}")
+    if status["human/quorum"] < config.humans.quorum:
+        status = wait_for_people_task(config, round, pairs)
+    clear_waiting(store, round)
+    return status
+
+
+@task(name="submit-to-people", task_run_name="{config.name}-r{round}-people", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10)
+def submit_to_people_task(config: CampaignConfig, round: int, pairs: list) -> dict:
+    return submit_and_collect(Store(config.store), config, pairs, round=round)
+
+
+@task(name="wait-for-people", task_run_name="{config.name}-r{round}-wait-people", cache_policy=NO_CACHE)
+def wait_for_people_task(config: CampaignConfig, round: int, pairs: list) -> dict:
+    return wait_in_place(Store(config.store), config, pairs, round=round, log=get_run_logger())
+
+
+@flow(name="collect-annotations", flow_run_name="{config.name}-collect-annotations")
+def collect_annotations(config: CampaignConfig) -> dict:
+    """Pull finished human judgments into the store (each into its own round), publish agreement per
+    round, and resume every round suspended for people whose quorum is now reached."""
+    store, log = Store(config.store), get_run_logger()
+    collected = collect_into_store(store, people_oracle(config))
+    got = collected["got"]
+    for problem in collected["problems"]:
+        log.warning("label studio: %s", problem)
+    per_round = got.metrics()
+    if per_round:
+        create_table_artifact(
+            key=f"{config.name}-human-agreement".lower().replace("_", "-"),
+            table=[{"round": r, **{k: v for k, v in m.items()}} for r, m in sorted(per_round.items())],
+            description=f"{config.name}: votes, agreement and Krippendorff's alpha per round",
+        )
+    resumed = []
+    for marker in waiting_rounds(store):
+        if got.quorum(round=marker["round"]) >= config.humans.quorum:
+            with get_client(sync_client=True) as client:
+                client.resume_flow_run(marker["flow_run_id"])
+            clear_waiting(store, marker["round"])
+            resumed.append(marker["round"])
+            log.info("round %d reached its quorum; resumed its run %s", marker["round"], marker["flow_run_id"])
+    log.info("collected %d new human judgments; %d pairs still pending", collected["collected"], got.pending())
+    return {"collected": collected["collected"], "pending": got.pending(), "resumed_rounds": resumed, "problems": len(collected["problems"])}
