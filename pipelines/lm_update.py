@@ -7,7 +7,6 @@ missing is scored once, in batched no-grad passes, and stored, so no forward pas
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -306,27 +304,11 @@ class CausalLMPolicy:
         return response_logprobs(self.model, prompt_ids, response_ids, pad_id=self.pad_id, chunk_elements=self.config.chunk_elements)
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
-        """Model (safetensors) and tokenizer into the folder ``path``. Written into a hidden sibling
-        folder and renamed when complete, so a folder at ``path`` is always a whole checkpoint (a crash
-        leaves only a ``.<name>.partial-*`` folder behind). Refuses an existing ``path`` unless
-        ``overwrite``."""
-        path = Path(path)
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
-        try:
-            self.model.save_pretrained(partial)
-            self.tokenizer.save_pretrained(partial)
-            if path.exists():
-                old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-                os.rename(path, old)
-                os.rename(partial, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(partial, path)
-        finally:
-            shutil.rmtree(partial, ignore_errors=True)
+        """Model (safetensors) and tokenizer into the folder ``path``, atomically: see
+        ``solvers.checkpoint.save_checkpoint``. Refuses an existing ``path`` unless ``overwrite``."""
+        from solvers.checkpoint import save_checkpoint  # checkpoint imports this module
+
+        save_checkpoint(path, self.model, self.tokenizer, overwrite=overwrite)
 
     # --- sampling
 

@@ -14,6 +14,14 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 import pytest  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Tiny models on 2 shared cores: two intra-op threads made sampling ~20x slower than one."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def prefect_harness():
     """A temporary Prefect API for the test session (about 9 s once)."""

@@ -9,7 +9,6 @@ import json
 from dataclasses import replace
 
 import pytest
-import torch
 
 from data.store import Store
 from oracles.cascade import Budget, Cascade, Confident, OrdersAgree, Stage
@@ -20,14 +19,6 @@ from test_preference_model import FAST, SMALL, as_examples, backbone_folder, let
 
 WORLD = letter_world()
 SPLIT = replace(FAST, eval_share=0.2)  # fit_preference_model holds out a fifth of the prompts
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class TableModel:

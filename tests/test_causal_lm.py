@@ -33,15 +33,6 @@ from solvers.policy import Policy
 PROMPTS = ["hello", "a longer prompt, to need padding", "x"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: on 2 shared cores, 2 intra-op threads made sampling ~20x slower than 1."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_policy(kind: str, config: CausalLMConfig = CausalLMConfig()) -> CausalLMPolicy:
     """The tiny Llama (rotary positions, which a constant shift does not change) or a tiny GPT-2
     (absolute positions: wrong position ids under left padding change its outputs)."""

@@ -12,7 +12,6 @@ import time
 import urllib.request
 
 import pytest
-import torch
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -22,15 +21,6 @@ from solvers.openai_sampler import OpenAISampler, OpenAISamplerConfig, SamplerEr
 from solvers.policy import Policy
 
 PROMPTS = ["hello", "tell me more"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors on 2 shared cores: one intra-op thread is much faster than two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def fake_text(prompt: str, seed: int) -> tuple[str, str]:

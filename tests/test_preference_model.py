@@ -37,15 +37,6 @@ FAST = pm.PreferenceTrainConfig(lr=3e-3, schedule="constant", warmup_steps=10, m
 CYCLE = ("aaaabb", "bbbbcc", "ccccaa")  # X, Y, Z: Y ≻ X, Z ≻ Y, X ≻ Z, each with P = ⅔
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster on 2 shared cores, and runs are repeatable."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ----- the letter world (shared with test_cascade.py) ----------------------------------------------------
 
 

@@ -9,7 +9,6 @@ Run as a script (``torchrun … tests/test_trainer.py --ddp-worker OUT``) it is 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import subprocess
@@ -28,15 +27,6 @@ ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["ab", "hello there", "x", "qq", "a longer prompt here", "zz top", "p", "what now?"]
 Y = ["yes", "no way", "maybe so", "ok", "fine", "a much longer answer", "k", "hm"]
 Y_OTHER = ["nope", "sure thing", "k", "longer answer here", "no", "b", "ok then", "why"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster on 2 shared cores, and makes runs repeatable."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def make_examples(policy, n: int = 8) -> list[Example]:
