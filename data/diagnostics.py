@@ -146,7 +146,7 @@ def intransitivity(store, *, rounds=None, oracle_ids=None, min_votes: float = 1,
     c = store.read("comparisons", rounds=rounds, columns=["prompt_id", "a_id", "b_id", "oracle_id", "p_a", "n_votes", "detail"])
     if oracle_ids is not None:
         c = c[c["oracle_id"].isin(set(oracle_ids))]
-    c = c[[answered_by_kind(o, d) != "learned" for o, d in zip(c["oracle_id"], c["detail"])]]
+    c = c[np.array([answered_by_kind(o, d) != "learned" for o, d in zip(c["oracle_id"], c["detail"])], dtype=bool)]
     out = cycle_share(c, min_votes=min_votes, min_margin=min_margin)
     return {f"intransitivity/{k}": v for k, v in out.items()}
 

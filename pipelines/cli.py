@@ -65,6 +65,9 @@ SHORT_NAMES = {
     "eval/win_rate_vs_ref": "win vs ref",
     "eval/win_rate_ci95": "±95%",
     "intransitivity/cycle_share": "cyclic triples",
+    "cascade/share/learned": "by model",
+    "cascade/share/judge": "by judge",
+    "prefmodel/eval_logloss": "model log-loss",
     "pref/judged_now": "judged",
     "pref/abstained": "abstained",
     "cost/usd": "cost $",
@@ -114,15 +117,62 @@ def demo(store: Annotated[str, typer.Option(help="where the demo's store goes")]
 
 
 @app.command()
-def status(store: Annotated[str, typer.Argument(help="a campaign's store (folder or URI)")]):
+def status(
+    store: Annotated[str, typer.Argument(help="a campaign's store (folder or URI)")],
+    fit_gap: Annotated[
+        bool,
+        typer.Option(
+            "--fit-gap",
+            help="also train a Bradley–Terry and a pairwise preference model on the store's judgments and print their held-out log-loss gap and the share of cyclic triples: do Nash methods matter for these data? (a training run: seconds for 'tiny', longer for a real backbone)",
+        ),
+    ] = False,
+    backbone: Annotated[str, typer.Option(help="--fit-gap: the models' backbone, 'tiny' (built from a config, offline) or a folder / hub id")] = "tiny",
+    epochs: Annotated[int, typer.Option(min=1, help="--fit-gap: passes over the training pairs")] = 4,
+    lr: Annotated[Optional[float], typer.Option(help="--fit-gap: learning rate (default 3e-3 for 'tiny', 5e-5 for a backbone)")] = None,
+    seed: Annotated[int, typer.Option(help="--fit-gap: held-out prompts, batch order and initialization")] = 0,
+):
     """Show a store's finished rounds and their metrics."""
     from data import Store, StoreError
     from pipelines.stages import rounds_table
 
     try:
         _print_rounds(rounds_table(Store(store)))
+        if fit_gap:
+            _print_fit_gap(Store(store), backbone=backbone, epochs=epochs, lr=lr, seed=seed)
     except StoreError as e:
         _fail(str(e))
+
+
+def _print_fit_gap(store, *, backbone: str, epochs: int, lr: float | None, seed: int) -> None:
+    """The two numbers that say whether a scalar reward would do for a store's judgments."""
+    _quiet()
+    from data.diagnostics import intransitivity
+    from solvers import preference_model as pm
+
+    examples = pm.examples_from_store(store)  # every oracle's judgments but a learned model's own
+    tiny = backbone == "tiny"
+    model_config = pm.PreferenceModelConfig(head_hidden=64 if tiny else 256, max_prompt_tokens=64 if tiny else 256, max_response_tokens=64 if tiny else 256)
+    train_config = pm.PreferenceTrainConfig(
+        lr=lr or (3e-3 if tiny else 5e-5), schedule="constant", warmup_steps=10, micro_batch_size=32, epochs=epochs, eval_share=0.2, seed=seed
+    )
+    build = (lambda cfg: pm.tiny_preference_model(cfg, seed=seed)) if tiny else backbone
+    console.print(f"fitting Bradley–Terry and pairwise models ({backbone}) on {len(examples)} judged pairs …")
+    try:
+        gap = pm.compare_bt_pairwise(examples, backbone=build, model_config=model_config, train_config=train_config)
+    except (pm.PreferenceDataError, pm.ModelLoadError) as e:
+        _fail(f"--fit-gap: {e}")
+    cycles = intransitivity(store)
+    bt, pairwise, diff = (gap[f"intransitivity/logloss_{k}"] for k in ("bt", "pairwise", "gap"))
+    share = cycles["intransitivity/cycle_share"]
+    out = Console(soft_wrap=True)
+    out.print(f"held-out log-loss on {int(gap['intransitivity/eval_pairs'])} pairs of unseen prompts: Bradley–Terry {bt:.4f}, pairwise {pairwise:.4f}")
+    out.print(f"log-loss gap (BT − pairwise): {diff:+.4f}")
+    triples = cycles["intransitivity/triples"]
+    out.print(f"cyclic triples: {'n/a (no response triple has all three pairs judged)' if share is None else f'{share:.1%} of {triples}'}")
+    if diff > 0.01 or (share or 0) > 0.05:
+        out.print("→ signs of intransitive preferences, which no scalar reward represents: Nash methods matter for these data")
+    else:
+        out.print("→ no sign of intransitivity: a Bradley–Terry reward model fits these judgments about as well (with few judged pairs the gap is noisy)")
 
 
 @app.command()

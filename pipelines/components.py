@@ -93,7 +93,25 @@ def _read_prompts(path: str) -> tuple[list[str], list[str]]:
 
 
 def build_oracle(config: CampaignConfig, world: World):
+    """The campaign's oracle. A ``learned`` model answers every pair; a ``cascade`` is one object for the
+    whole campaign (pipelines/preference_models.CampaignCascade): it judges each pair with the learned
+    model of the pair's round, then its judge, within that round's budget."""
     cfg = config.oracle
+    if cfg.kind == "learned":
+        from oracles.learned import LearnedOracle
+        from solvers.preference_model import load_preference_model
+
+        model = load_preference_model(cfg.checkpoint, device=cfg.device)
+        return LearnedOracle(model, name=model.config.head, batch_size=cfg.batch_size)
+    if cfg.kind == "cascade":
+        from pipelines.preference_models import CampaignCascade
+
+        return CampaignCascade(config, world)
+    return machine_oracle(cfg, world)
+
+
+def machine_oracle(cfg, world: World):
+    """A matrix, text-world or LLM-judge oracle from its config (the campaign's, or a cascade's judge)."""
     if cfg.kind == "matrix":
         return MatrixOracle(world.games, mode=cfg.mode, seed=cfg.seed)
     if cfg.kind == "text_world":
@@ -109,9 +127,23 @@ def build_oracle(config: CampaignConfig, world: World):
 
 
 def campaign_oracle_ids(config: CampaignConfig, world: World) -> set[str]:
-    """The oracles whose judgments this campaign's solver reads: the machine oracle and/or people."""
+    """The oracles whose judgments this campaign's solver reads: the machine oracle and/or people.
+
+    A cascade's id is the same for every round although its learned model changes (a campaign's
+    model versions all live in its store, and round r always uses the one trained before it): each
+    stored judgment names the model version that answered in ``detail`` (``answered_by``, ``prefmodel``),
+    so the versions stay apart in the data without splitting the campaign's judgments by id."""
     ids = set()
-    if config.oracle is not None:
+    cfg = config.oracle
+    if cfg is not None and cfg.kind == "cascade":
+        from pipelines.preference_models import cascade_oracle_id
+
+        ids.add(cascade_oracle_id(config, world))
+    elif cfg is not None and cfg.kind == "learned":
+        from pipelines.preference_models import learned_oracle_id
+
+        ids.add(learned_oracle_id(cfg.checkpoint))
+    elif cfg is not None:
         ids.add(build_oracle(config, world).oracle_id)
     if config.humans is not None:
         from pipelines.human import people_oracle_id
@@ -155,33 +187,45 @@ def save_checkpoint(store: Store, version: str, write) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         staged = os.path.join(tmp, "ckpt")
         write(staged)
-        if store.is_local:
-            target = store.local_path(final)
-            if os.path.exists(target):  # a leftover of a crashed save: it never got its marker
-                shutil.rmtree(target)
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            moving = f"{os.path.dirname(target)}/.tmp-{uuid.uuid4().hex}"
-            shutil.copytree(staged, moving)
-            os.rename(moving, target)
-        else:
-            for root, _, files in os.walk(staged):
-                for name in files:
-                    local = os.path.join(root, name)
-                    with open(local, "rb") as f:
-                        store.write_bytes(f"{final}/{os.path.relpath(local, staged)}", f.read())
+        publish_folder(store, staged, final)
     store.write_bytes(f"{final}/_COMPLETE", b"")
     return store.path(final)
+
+
+def publish_folder(store: Store, staged: str, final: str) -> None:
+    """Copy the local folder ``staged`` to ``final`` in the store: on local disk into a temporary
+    sibling, then renamed (a leftover at ``final`` from a crashed save is replaced); on an object store
+    file by file. Callers mark it complete afterwards (a marker written last)."""
+    if store.is_local:
+        target = store.local_path(final)
+        if os.path.exists(target):  # a leftover of a crashed save: it never got its marker
+            shutil.rmtree(target)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        moving = f"{os.path.dirname(target)}/.tmp-{uuid.uuid4().hex}"
+        shutil.copytree(staged, moving)
+        os.rename(moving, target)
+        return
+    for root, _, files in os.walk(staged):
+        for name in files:
+            local = os.path.join(root, name)
+            with open(local, "rb") as f:
+                store.write_bytes(f"{final}/{os.path.relpath(local, staged)}", f.read())
 
 
 def checkpoint_folder(store: Store, version: str, tmp: str) -> str:
     """A local folder holding a complete checkpoint (the store's own folder when it is local)."""
     if not has_checkpoint(store, version):
         raise FileNotFoundError(f"{store.path(checkpoint_dir(version))}: no complete checkpoint of policy {version}")
+    return local_folder(store, checkpoint_dir(version), tmp)
+
+
+def local_folder(store: Store, relpath: str, tmp: str) -> str:
+    """The store's folder ``relpath`` on local disk: itself when the store is local, else copied into ``tmp``."""
     if store.is_local:
-        return store.local_path(checkpoint_dir(version))
+        return store.local_path(relpath)
     import pyarrow.fs as pafs
 
-    base = store.path(checkpoint_dir(version))
+    base = store.path(relpath)
     for info in store.fs.get_file_info(pafs.FileSelector(base, recursive=True)):
         if info.type == pafs.FileType.File:
             dest = os.path.join(tmp, info.path[len(base) + 1 :])

@@ -131,7 +131,9 @@ class HumansConfig(Strict):
     """People in Label Studio as the oracle for a share of each round's pairs (the rest go to ``oracle``).
     URL and token are named, never written here."""
 
-    share: float = Field(1.0, gt=0.0, le=1.0, description="share of each round's pairs shown to people (1 = all)")
+    share: float = Field(
+        1.0, ge=0.0, le=1.0, description="share of each round's pairs shown to people directly (1 = all; 0 = only the pairs a cascade oracle with people: true passes on)"
+    )
     url: str | None = Field(None, description="the Label Studio server; None reads url_env")
     url_env: str = Field("LABEL_STUDIO_URL", description="environment variable with the server's URL")
     api_key_secret: str | None = Field(None, description="name of a Prefect Secret block holding the token")
@@ -144,6 +146,97 @@ class HumansConfig(Strict):
     suspend_timeout_s: float = Field(7 * 24 * 3600.0, gt=0, description="a deployment's round suspended for people fails after this")
 
 
+MachineOracleConfig = Annotated[MatrixOracleConfig | TextWorldOracleConfig | LLMJudgeOracleConfig, Field(discriminator="kind")]
+
+
+class LearnedOracleConfig(Strict):
+    """A trained preference model (solvers/preference_model.py) answering every pair: fast, free per pair,
+    and with a pairwise head able to represent A ≻ B ≻ C ≻ A. Its oracle id carries the checkpoint's
+    content hash, so a retrained checkpoint never mixes with the old one's judgments."""
+
+    kind: Literal["learned"] = "learned"
+    checkpoint: str = Field(description="a preference-model checkpoint folder: fit_preference_model's output, or a preference_models/r<N> folder of a cascade campaign's store")
+    batch_size: int = Field(64, ge=1, description="sequences per forward pass when predicting; memory grows with it")
+    device: str = Field("auto", description="'auto': CUDA when present, else CPU")
+
+
+class PreferenceTrainSettings(Strict):
+    """How a cascade's learned model retrains after each round (solvers/preference_model.PreferenceTrainConfig
+    has every knob's detail)."""
+
+    lr: float = Field(1e-4, gt=0, description="AdamW peak learning rate; a pretrained backbone ~1e-5..1e-4, the random 'tiny' one ~3e-3")
+    epochs: int = Field(1, ge=1, description="passes over everything the judge and people answered so far; more fits them closer and takes longer every round")
+    max_steps: int | None = Field(None, ge=1, description="caps the optimizer steps of one retraining (None: epochs × pairs / batch), so its time stops growing with the store")
+    micro_batch_size: int = Field(16, ge=1, description="pairs per forward pass (two sequences each); memory grows with it")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["constant", "linear", "cosine"] = Field("linear", description="after warm-up: constant, or decay to 0")
+    weight_decay: float = Field(0.0, ge=0.0)
+    eval_share: float = Field(
+        0.2, ge=0.0, lt=1.0, description="share of prompts held out to score each retrained model (prefmodel/eval_*), chosen by a hash of the prompt so it stays put across rounds; 0: no scores"
+    )
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="'auto': bf16 autocast on CUDA, fp32 on CPU")
+    seed: int = Field(0, description="batch order, held-out prompts, a new head's initialization")
+
+
+class CascadeBudget(Strict):
+    """What the judge stage may spend in one round (split evenly over an extragradient round's two phases).
+    Pairs past it are not judged (stored without a probability, the route saying why), or go on to people
+    when the cascade has them. Held-out evaluation pairs are judged outside it."""
+
+    pairs: int | None = Field(None, ge=0, description="most pairs sent to the judge per round (None: no limit)")
+    usd: float | None = Field(None, ge=0.0, description="most USD spent at the judge per round (None: no limit); needs usd_per_pair")
+    usd_per_pair: float | None = Field(
+        None, gt=0.0, description="the most one pair can cost at the judge (both orders, votes, retries): pairs are admitted while what is spent plus this fits `usd`"
+    )
+
+    @model_validator(mode="after")
+    def _usd_needs_worst_case(self):
+        if self.usd is not None and self.usd_per_pair is None:
+            raise ValueError("usd needs usd_per_pair, the most one pair can cost at the judge")
+        return self
+
+
+class CascadeOracleConfig(Strict):
+    """A learned preference model answers the pairs it is sure of; an expensive oracle (the judge) the others,
+    within a per-round budget; optionally people last. With ``retrain``, the model is retrained after each
+    round on what the judge and people answered, so it grows sure where it was not. Its checkpoints live in
+    the store (preference_models/r<N>: r0 the initial one, r<N> trained after round N; round N uses the
+    newest from an earlier round). Held-out (evaluation) pairs are judged by the judge alone."""
+
+    kind: Literal["cascade"] = "cascade"
+    init: str = Field(
+        "tiny",
+        description="the first learned model, copied into the store once: a preference-model checkpoint folder, 'tiny' (an untrained ~100k-parameter byte-level model built from a config, offline), or a backbone folder / hub id (a new head on it)",
+    )
+    tiny_seed: int = Field(0, description="'tiny': seed of its random weights")
+    head: Literal["pairwise", "bt"] | None = Field(None, description="a new model's head (default pairwise: can represent cycles; bt: a Bradley–Terry scalar reward); a checkpoint keeps its own")
+    pool: Literal["mean", "last"] | None = Field(None, description="a new model's pooling of the response's hidden states (default mean); a checkpoint keeps its own")
+    head_hidden: int | None = Field(None, ge=1, description="a new model's head width (default 64 for 'tiny', 256 for a backbone)")
+    max_prompt_tokens: int | None = Field(None, ge=1, description="a new model reads the last this many prompt tokens (default 64 for 'tiny', 256 for a backbone)")
+    max_response_tokens: int | None = Field(None, ge=1, description="and the first this many response tokens (same defaults)")
+    confidence: float = Field(
+        0.2, ge=0.0, le=0.5, description="the learned model's answer is final when |P − ½| ≥ this; higher sends more pairs to the judge: better labels, more cost"
+    )
+    judge: MachineOracleConfig = Field(description="the expensive oracle for the pairs the model is unsure of: llm_judge, or matrix / text_world standing in for one")
+    budget: CascadeBudget = Field(CascadeBudget(), description="the judge's per-round budget")
+    people: bool = Field(
+        False,
+        description="people (the campaign's `humans`) last: they get the pairs the judge's two orders disagree on (llm_judge with both_orders) and those past its budget; their answers come in with collect-annotations, the round does not wait for them",
+    )
+    people_pairs: int | None = Field(None, ge=0, description="most pairs sent to people per round (None: no limit)")
+    retrain: bool = Field(False, description="retrain the learned model after each round (a warm start) on everything the judge and people answered; a training run per round")
+    train: PreferenceTrainSettings = Field(PreferenceTrainSettings(), description="how it retrains")
+    batch_size: int = Field(64, ge=1, description="sequences per forward pass when predicting")
+    device: str = Field("auto", description="the learned model's device for predicting and training; 'auto': CUDA when present, else CPU")
+
+    @model_validator(mode="after")
+    def _people_settings(self):
+        if self.people_pairs is not None and not self.people:
+            raise ValueError("people_pairs is a budget for people, but people is false")
+        return self
+
+
 class EvaluationConfig(Strict):
     """Win-rate of each round's policy against the reference on held-out prompts."""
 
@@ -151,7 +244,9 @@ class EvaluationConfig(Strict):
 
 
 PolicyConfig = Annotated[TabularPolicyConfig | CausalLMPolicyConfig, Field(discriminator="kind")]
-OracleConfig = Annotated[MatrixOracleConfig | TextWorldOracleConfig | LLMJudgeOracleConfig, Field(discriminator="kind")]
+OracleConfig = Annotated[
+    MatrixOracleConfig | TextWorldOracleConfig | LLMJudgeOracleConfig | LearnedOracleConfig | CascadeOracleConfig, Field(discriminator="kind")
+]
 
 
 class SolverConfig(Strict):
@@ -189,7 +284,7 @@ class CampaignConfig(Strict):
     games: list[GameSpec] | None = Field(None, min_length=1, description="the tabular world: one prompt per game")
     prompts: PromptsConfig | None = Field(None, description="a language-model campaign's prompts")
     policy: PolicyConfig = TabularPolicyConfig()
-    oracle: OracleConfig | None = Field(None, description="the machine oracle: judges every pair, or those not shown to people")
+    oracle: OracleConfig | None = Field(None, description="the machine oracle (or learned model, or cascade of both): judges every pair, or those not shown to people")
     humans: HumansConfig | None = Field(None, description="people in Label Studio for a share of the pairs")
     solver: SolverConfig = SolverConfig()
     sampling: SamplingConfig = SamplingConfig()
@@ -208,6 +303,16 @@ class CampaignConfig(Strict):
             raise ValueError("`oracle` is required unless humans.share is 1 (people judge every pair)")
         if self.oracle is not None and self.oracle.kind == "matrix" and not self.games:
             raise ValueError("the matrix oracle judges the responses of `games`; this campaign has none")
+        cascade = self.oracle if self.oracle is not None and self.oracle.kind == "cascade" else None
+        if cascade is not None and cascade.judge.kind == "matrix" and not self.games:
+            raise ValueError("oracle.judge: the matrix oracle judges the responses of `games`; this campaign has none")
+        people_in_cascade = cascade is not None and cascade.people
+        if people_in_cascade and self.humans is None:
+            raise ValueError("oracle.people: people are the cascade's last stage, but the campaign has no `humans` section (Label Studio)")
+        if people_in_cascade and self.humans.share >= 1.0:
+            raise ValueError("humans.share is 1: every pair goes to people directly and the cascade (oracle.people) never runs; set it to 0, or to a small audit share")
+        if self.humans is not None and self.humans.share == 0.0 and not people_in_cascade:
+            raise ValueError("humans.share is 0: people would see only what a cascade passes on, and there is none (oracle.kind: cascade with people: true)")
         algorithm = self.solver.algorithm
         if tabular and algorithm in LM_ONLY:
             raise ValueError(f"solver.algorithm {algorithm!r} is a language-model baseline with no tabular dynamics")

@@ -147,6 +147,11 @@ def alignment_round(config: CampaignConfig, round: int) -> dict:
         with watch("update"):
             updated = update_task(config, round, phase)
         stage_metrics.update({prefix + k: v for k, v in updated.items() if k.startswith(("loss/", "kl/", "optim/", "pref/", "perf/")) and k != "perf/seconds"})
+    if config.oracle is not None and config.oracle.kind == "cascade" and config.oracle.retrain:  # the learned model learns from this round
+        from pipelines.preference_models import retrain_task
+
+        with watch("retrain"):
+            stage_metrics.update(retrain_task(config, round))
     reporter().stage(round, "evaluate")
     return evaluate_task(config, round, stage_metrics, watch.seconds)
 

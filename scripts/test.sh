@@ -25,5 +25,8 @@ if [ -z "${LABEL_STUDIO_URL:-}" ] && { ci || [ -z "${NASHFLOW_NO_LABEL_STUDIO:-}
     fi
 fi
 
+# tests/test_prefect_server.py starts its own Prefect server, worker and S3-compatible server (moto) on
+# free loopback ports and stops them; nothing to start here, and PREFECT_API_URL stays unset so the
+# other tests keep their prefect_test_harness.
 # Not `exec`: the trap above stops Label Studio when pytest ends.
 .venv/bin/python -m pytest "$@"

@@ -1,0 +1,494 @@
+"""A cascade campaign's learned preference model: its checkpoints in the store, the cascade oracle that
+judges each round with the right one, and the retraining after each round.
+
+In the store (the truth, like the policy's checkpoints):
+
+    preference_models/r0/          the initial model (``oracle.init``), copied in once
+    preference_models/r<N>/        retrained after round N on what the judge and people answered up to N
+    preference_models/r<N>.json    its manifest (fingerprint, the model it started from, the fit's
+                                   metrics), written last: only a model with a manifest exists
+    preference_models/.work-r<N>/  step checkpoints of an unfinished retraining (a killed one resumes)
+
+Round N judges with the newest model of a round before N (r0 to start), so a round's model is fixed
+before the round starts and a rerun asks the same model. Checkpoint folders are byte-for-byte what
+``fit_preference_model`` wrote, so the fingerprint in the manifest is the one a loaded model reports;
+a folder changed after it was written is refused rather than used under the wrong name.
+
+The cascade's oracle id is stable for the campaign (``cascade_oracle_id``): the solver reads every
+round's judgments under one id, while each stored judgment names the model version that answered
+(``detail``: ``answered_by``, the learned oracle's id with the model's fingerprint, and ``prefmodel``,
+the checkpoint folder), so two versions' judgments are told apart in the data and retraining never
+takes a model's own answers for labels. A pair belongs to one round and is judged once, by the one
+model of that round.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections import defaultdict
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pyarrow.fs as pafs
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from data import Store
+from oracles.cascade import NOT_JUDGED, Budget, Cascade, Confident, OrdersAgree, Stage
+from oracles.learned import LearnedOracle
+from oracles.protocol import Judgment, Pair, make_oracle_id
+from pipelines.components import World, campaign_oracle_ids, local_folder, machine_oracle, phases, publish_folder, version
+from pipelines.config import CampaignConfig
+
+MODELS = "preference_models"
+ARCHITECTURE = ("head", "pool", "head_hidden", "max_prompt_tokens", "max_response_tokens")
+
+
+def model_dir(round: int) -> str:
+    return f"{MODELS}/r{round}"
+
+
+def _manifest(round: int) -> str:
+    return f"{MODELS}/r{round}.json"
+
+
+def model_rounds(store: Store) -> list[int]:
+    """The rounds with a complete preference model (its manifest written), ascending."""
+    base = store.path(MODELS)
+    if store.fs.get_file_info(base).type == pafs.FileType.NotFound:
+        return []
+    out = []
+    for info in store.fs.get_file_info(pafs.FileSelector(base)):
+        stem = info.base_name.removesuffix(".json")
+        if info.type == pafs.FileType.File and info.base_name.endswith(".json") and stem[:1] == "r" and stem[1:].isdigit():
+            out.append(int(stem[1:]))
+    return sorted(out)
+
+
+def read_manifest(store: Store, round: int) -> dict:
+    return json.loads(store.read_bytes(_manifest(round)))
+
+
+def model_for_round(store: Store, config: CampaignConfig, round: int) -> int:
+    """The model round ``round`` judges with: the newest from an earlier round (r0, written now if missing)."""
+    earlier = [k for k in model_rounds(store) if k < round]
+    if earlier:
+        return earlier[-1]
+    ensure_initial_model(store, config)
+    return 0
+
+
+def save_model(store: Store, round: int, folder: str | os.PathLike, manifest: dict) -> str:
+    """Put a local checkpoint folder in the store as ``preference_models/r<round>`` (moved into place
+    whole), then its manifest, which marks it complete."""
+    publish_folder(store, str(folder), model_dir(round))
+    store.write_bytes(_manifest(round), json.dumps(manifest, indent=1, sort_keys=True).encode())
+    return store.path(model_dir(round))
+
+
+def ensure_initial_model(store: Store, config: CampaignConfig) -> None:
+    """Write r0 once: the ``init`` checkpoint as it is, or a new model on the tiny or given backbone.
+    Later changes to ``init`` do not touch a store that has its r0."""
+    if store.exists(_manifest(0)):
+        return
+    from solvers import preference_model as pm
+
+    cfg = config.oracle
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "r0"
+        if _is_checkpoint(cfg.init):
+            source = Path(cfg.init).expanduser()
+            model = pm.load_preference_model(source, device="cpu")  # refuses a folder that does not load
+            _check_architecture(cfg, model.config)
+            shutil.copytree(source, folder)
+        else:
+            model = _new_model(cfg)
+            pm.save_preference_model(model, folder)
+        save_model(store, 0, folder, {"round": 0, "fingerprint": pm.checkpoint_fingerprint(folder), "head": model.config.head, "init": cfg.init})
+
+
+def _is_checkpoint(path: str) -> bool:
+    from solvers.preference_model import PREFERENCE_FILE
+
+    return path != "tiny" and (Path(path).expanduser() / PREFERENCE_FILE).is_file()
+
+
+def _new_model(cfg):
+    from solvers import preference_model as pm
+
+    default = 64 if cfg.init == "tiny" else 256
+    settings = pm.PreferenceModelConfig(
+        head=cfg.head or "pairwise",
+        pool=cfg.pool or "mean",
+        head_hidden=cfg.head_hidden or default,
+        max_prompt_tokens=cfg.max_prompt_tokens or default,
+        max_response_tokens=cfg.max_response_tokens or default,
+    )
+    if cfg.init == "tiny":
+        return pm.tiny_preference_model(settings, seed=cfg.tiny_seed)
+    return pm.PreferenceModel.from_backbone(cfg.init, settings, seed=cfg.train.seed, device="cpu")
+
+
+def _check_architecture(cfg, saved) -> None:
+    for name in ARCHITECTURE:
+        wanted = getattr(cfg, name)
+        if wanted is not None and wanted != getattr(saved, name):
+            raise ValueError(f"oracle.{name}: {wanted!r}, but the checkpoint {cfg.init} has {getattr(saved, name)!r}; leave it unset to use the checkpoint's")
+
+
+# ----- oracle ids ------------------------------------------------------------------------------------------
+
+
+class _Fingerprint:
+    """Stands in for a model when only its oracle id is wanted (the id needs the fingerprint, not the weights)."""
+
+    def __init__(self, fingerprint: str):
+        self.fingerprint = fingerprint
+
+    def predict(self, prompts, a_texts, b_texts):
+        raise NotImplementedError("an id-only stand-in does not predict")
+
+
+def learned_oracle_id(checkpoint: str) -> str:
+    """The oracle id of a checkpoint folder's model, from its files alone (nothing is loaded)."""
+    from solvers.preference_model import PREFERENCE_FILE, checkpoint_fingerprint
+
+    settings = Path(checkpoint).expanduser() / PREFERENCE_FILE
+    if not settings.is_file():
+        raise ValueError(f"oracle.checkpoint: {checkpoint} is not a preference-model checkpoint (it has no {PREFERENCE_FILE})")
+    head = json.loads(settings.read_text())["head"]
+    return LearnedOracle(_Fingerprint(checkpoint_fingerprint(checkpoint)), name=head).oracle_id
+
+
+@dataclass(frozen=True)
+class Answered:
+    """Accept any answer that has a probability: the judge rule when people follow a judge that has no
+    two orders to compare (a synthetic one, or an LLM judge asked one order)."""
+
+    def __call__(self, j: Judgment) -> bool:
+        return j.p_a is not None
+
+
+def judge_accept(cfg):
+    """When people follow, which judge answers are final (the others go on to people)."""
+    if not cfg.people:
+        return None
+    return OrdersAgree() if cfg.judge.kind == "llm_judge" and cfg.judge.both_orders else Answered()
+
+
+def cascade_oracle_id(config: CampaignConfig, world: World, judge=None) -> str:
+    """The campaign's cascade id: its rules, its judge and its people, not its model version (see the
+    module docstring), so the solver reads every round's judgments under it."""
+    from pipelines.human import people_oracle_id
+
+    cfg = config.oracle
+    judge = judge if judge is not None else machine_oracle(cfg.judge, world)
+    rule = judge_accept(cfg)
+    stages = [
+        {"oracle": f"learned: {MODELS}/ of the store, the version in each judgment's detail", "accept": repr(Confident(cfg.confidence))},
+        {"oracle": judge.oracle_id, "accept": repr(rule) if rule is not None else None},
+    ]
+    if cfg.people:
+        stages.append({"oracle": people_oracle_id(config), "accept": None})
+    return make_oracle_id("cascade", config.name, {"stages": stages})
+
+
+# ----- the cascade oracle of a campaign ---------------------------------------------------------------------
+
+
+class _PassOnOverBudget:
+    """The judge's per-round budget when people follow it: a pair past the budget gets an unanswered
+    judgment rather than none, so the cascade passes it on to people instead of stopping there."""
+
+    def __init__(self, oracle, budget: Budget):
+        self.oracle, self.budget, self.oracle_id = oracle, budget, oracle.oracle_id
+
+    def judge(self, pairs: list[Pair]) -> list[Judgment]:
+        room = self.budget.room()
+        n = len(pairs) if room is None else min(room, len(pairs))
+        answers = self.oracle.judge(pairs[:n]) if n else []
+        self.budget.spend(n, sum(j.cost_usd for j in answers))
+        over = f"{NOT_JUDGED}the judge's budget for this round is spent; passed on"
+        return answers + [Judgment(p, None, n_votes=0, error=over, detail={"over_budget": True}) for p in pairs[n:]]
+
+
+@dataclass
+class _Round:
+    cascade: Cascade
+    model_round: int  # the round of the preference model that judges
+    budgets: dict[str, Budget]  # stage name → its budget for this round and phase
+
+
+class CampaignCascade:
+    """The ``cascade`` oracle of a campaign: one object for every round, with the campaign's stable
+    ``oracle_id``. It judges each training pair with the cascade of the pair's round (read from the
+    store): the learned model of that round, answering when ``|P − ½| ≥ confidence``; else the judge
+    within the round's budget; else, with ``people``, people. Held-out (evaluation) pairs go to the
+    judge alone, outside the budget: the model never grades the policy trained on its answers.
+
+    Budgets are per round, split evenly over the round's phases (an extragradient round judges the
+    midpoint's samples too, and each phase needs labels), and count what the store already holds for
+    the round and phase, so a retried task or a rerun round spends nothing twice. Pairs past a budget,
+    and those handed to people, are returned as judgments without a probability
+    (``detail["not_judged"]``: "budget" or "people"), so they are stored and a rerun does not ask the
+    model and pay the judge for them again; people's answers come in later under their own id. A
+    round's pairs are taken one prompt at a time in turn, so a budget covers many prompts rather than
+    the first few."""
+
+    def __init__(self, config: CampaignConfig, world: World, store: Store | None = None):
+        self.config, self.world = config, world
+        self.store = store if store is not None else Store(config.store)
+        self.judge_oracle = machine_oracle(config.oracle.judge, world)
+        self.oracle_id = cascade_oracle_id(config, world, self.judge_oracle)
+        self._models: dict[int, tuple[LearnedOracle, int]] = {}
+        self._phases: dict[tuple[int, str], _Round] = {}
+        self._last: tuple[int, str] | None = None
+        self._people = None
+
+    def __repr__(self) -> str:
+        return f"CampaignCascade({self.oracle_id!r}, judge={self.judge_oracle.oracle_id!r})"
+
+    def judge(self, pairs: list[Pair]) -> list[Judgment]:
+        if not pairs:
+            return []
+        where = self._locate(pairs)
+        out: list[Judgment | None] = [None] * len(pairs)
+        groups: dict[tuple[int, str] | None, list[int]] = defaultdict(list)
+        for i, key in enumerate(where):
+            groups[key].append(i)
+        for key, idx in groups.items():
+            if key is None:  # held out
+                for i, j in zip(idx, self.judge_oracle.judge([pairs[i] for i in idx])):
+                    out[i] = self._held_out(j)
+                continue
+            state = self.for_round(*key)
+            order = [idx[k] for k in _by_prompt_in_turn([pairs[i] for i in idx])]
+            for i, j in zip(order, state.cascade.judge([pairs[i] for i in order])):
+                out[i] = self._stored_form(j, state)
+            self._last = key
+        return out  # type: ignore[return-value]
+
+    def metrics(self, judgments: list[Judgment]) -> dict:
+        """The routing of the last round and phase judged (``Cascade.metrics``: cascade/share/<stage>,
+        cascade/cost_usd/<stage>, budgets left, …), with the pairs past a budget or sent to people
+        counted as not judged / pending; and cascade/prefmodel_version, the model round that judged."""
+        routed = [replace(j, skipped=True) if "not_judged" in j.detail else j for j in judgments if not j.detail.get("held_out")]
+        out: dict = {}
+        if routed and self._last is not None:
+            state = self._phases[self._last]
+            out = state.cascade.metrics(routed)
+            for name, b in state.budgets.items():
+                if b.pairs is not None:
+                    out[f"cascade/budget_left_pairs/{name}"] = b.pairs - b.spent_pairs
+                if b.usd is not None:
+                    out[f"cascade/budget_left_usd/{name}"] = b.usd - b.spent_usd
+            out["cascade/prefmodel_version"] = state.model_round
+        if len(routed) < len(judgments):
+            out["cascade/held_out_pairs"] = len(judgments) - len(routed)
+        return out
+
+    def for_round(self, round: int, sampled: str | None = None) -> _Round:
+        """The cascade for the pairs of ``round`` among responses of policy version ``sampled`` (the
+        phase; None: the round's first): the round's model, the phase's share of the round's budgets,
+        charged with what the store holds for it already."""
+        sampled = sampled or version(round - 1)
+        if (round, sampled) in self._phases:
+            return self._phases[(round, sampled)]
+        cfg = self.config.oracle
+        learned, model_version = self._model(round)
+        n, k = len(phases(self.config)), int(sampled == version(round, "midpoint"))
+        budget = _share(cfg.budget.pairs, cfg.budget.usd, cfg.budget.usd_per_pair, k, n)
+        stages = [Stage(learned, accept=Confident(cfg.confidence), name="learned")]
+        if cfg.people:
+            people_budget = _share(cfg.people_pairs, None, None, k, n)
+            judge = _PassOnOverBudget(self.judge_oracle, budget) if budget is not None else self.judge_oracle
+            stages += [Stage(judge, accept=judge_accept(cfg), name="judge"), Stage(self._people_oracle(), budget=people_budget, name="people")]
+            budgets = {"judge": budget, "people": people_budget}
+        else:
+            stages.append(Stage(self.judge_oracle, budget=budget, name="judge"))
+            budgets = {"judge": budget}
+        cascade = Cascade(stages, name=self.config.name)
+        cascade.start_round(round)
+        state = _Round(cascade, model_version, {name: b for name, b in budgets.items() if b is not None})
+        self._charge_stored(state, round, sampled)
+        self._phases[(round, sampled)] = state
+        return state
+
+    # ----- pieces ------------------------------------------------------------------------------------
+
+    def _model(self, round: int) -> tuple[LearnedOracle, int]:
+        """Round ``round``'s learned oracle (loaded once) and its model's round."""
+        if round in self._models:
+            return self._models[round]
+        from solvers.preference_model import load_preference_model
+
+        cfg = self.config.oracle
+        k = model_for_round(self.store, self.config, round)
+        with tempfile.TemporaryDirectory() as tmp:
+            model = load_preference_model(local_folder(self.store, model_dir(k), tmp), device=cfg.device)
+        expected = read_manifest(self.store, k)["fingerprint"]
+        if model.fingerprint != expected:
+            raise ValueError(
+                f"{self.store.path(model_dir(k))} changed after it was written (fingerprint {model.fingerprint[:12]}, its manifest says {expected[:12]}): "
+                f"restore it, or delete it with its manifest {_manifest(k)} to fall back to an earlier model"
+            )
+        self._models[round] = (LearnedOracle(model, name=model.config.head, batch_size=cfg.batch_size), k)
+        return self._models[round]
+
+    def _locate(self, pairs: list[Pair]) -> list[tuple[int, str] | None]:
+        """Per pair: (its round, the policy version of its responses), or None when its prompt is held out."""
+        rows = self.store.read("responses", columns=["response_id", "round", "policy_version"]).set_index("response_id")
+        missing = [p.a_id for p in pairs if p.a_id not in rows.index]
+        if missing:
+            raise ValueError(f"the cascade judges responses of its campaign's store; {missing[0]} (and {len(missing) - 1} more) is not in {self.store}")
+        splits = self.store.read("prompts", columns=["prompt_id", "split"]).set_index("prompt_id")["split"]
+        rounds, versions = rows["round"], rows["policy_version"]
+        return [None if splits.get(p.prompt_id) == "eval" else (int(rounds[p.a_id]), versions[p.a_id]) for p in pairs]
+
+    def _people_oracle(self):
+        if self._people is None:
+            from pipelines.human import people_oracle
+
+            self._people = people_oracle(self.config)
+        return self._people
+
+    def _stored_form(self, j: Judgment, state: _Round) -> Judgment:
+        """Name the model version; turn 'past a budget' and 'sent to people' into stored non-answers."""
+        detail = {**j.detail, "prefmodel": model_dir(state.model_round)}
+        if j.skipped and ("pending" in detail or any(step.get("over_budget") for step in detail.get("route", []))):
+            detail["not_judged"] = "people" if "pending" in detail else "budget"
+            return replace(j, skipped=False, p_a=None, n_votes=0, detail=detail)
+        return replace(j, detail=detail)
+
+    def _held_out(self, j: Judgment) -> Judgment:
+        if j.skipped:
+            return replace(j, detail={"held_out": True, "answer": j.detail})
+        step = {"stage": "judge", "oracle": self.judge_oracle.oracle_id, "p_a": j.p_a, "cost_usd": j.cost_usd, "accepted": True}
+        detail = {"answered_by": self.judge_oracle.oracle_id, "stage": "judge", "held_out": True, "route": [step], "answer": j.detail}
+        return replace(j, detail=detail)
+
+    def _charge_stored(self, state: _Round, round: int, sampled: str) -> None:
+        """Charge each budget with what the store's judgments of this round and phase already spent there."""
+        if not state.budgets:
+            return
+        stored = self.store.read("comparisons", rounds=[round], columns=["a_id", "oracle_id", "detail"])
+        versions = self.store.read("responses", rounds=[round], columns=["response_id", "policy_version"]).set_index("response_id")["policy_version"]
+        mine = stored[(stored["oracle_id"] == self.oracle_id) & (stored["a_id"].map(versions) == sampled)]
+        for text in mine["detail"].dropna():
+            detail = json.loads(text)
+            if detail.get("held_out"):
+                continue
+            for step in detail.get("route", []):
+                budget = state.budgets.get(step.get("stage"))
+                if budget is None or step.get("over_budget") or str(step.get("error") or "").startswith(NOT_JUDGED):
+                    continue
+                budget.spend(1, float(step.get("cost_usd") or 0.0))
+
+
+def _share(pairs: int | None, usd: float | None, usd_per_pair: float | None, k: int, n: int) -> Budget | None:
+    """Phase k's share (of n) of a round's budget: pairs split as evenly as whole pairs allow, USD evenly."""
+    if pairs is None and usd is None:
+        return None
+    part = None if pairs is None else pairs * (k + 1) // n - pairs * k // n
+    return Budget(pairs=part, usd=None if usd is None else usd / n, usd_per_pair=usd_per_pair)
+
+
+def _by_prompt_in_turn(pairs: list[Pair]) -> list[int]:
+    """Positions of ``pairs`` taking one pair of each prompt in turn (first pairs first)."""
+    queues: dict[str, list[int]] = defaultdict(list)
+    for i, p in enumerate(pairs):
+        queues[p.prompt_id].append(i)
+    longest = max(len(q) for q in queues.values())
+    return [q[k] for k in range(longest) for q in queues.values() if k < len(q)]
+
+
+# ----- retraining after a round ------------------------------------------------------------------------------
+
+
+def train_config(config: CampaignConfig):
+    """The fit's settings; the seed stays the same every round, so the held-out prompts do too."""
+    from solvers.preference_model import PreferenceTrainConfig
+
+    cfg = config.oracle
+    t = cfg.train
+    return PreferenceTrainConfig(
+        lr=t.lr,
+        epochs=t.epochs,
+        max_steps=t.max_steps,
+        micro_batch_size=t.micro_batch_size,
+        grad_accum=t.grad_accum,
+        warmup_steps=t.warmup_steps,
+        schedule=t.schedule,
+        weight_decay=t.weight_decay,
+        eval_share=t.eval_share,
+        precision=t.precision,
+        device=cfg.device,
+        seed=t.seed,
+    )
+
+
+def retrain_preference_model(store: Store, config: CampaignConfig, world: World, *, round: int, log=None) -> dict:
+    """After round ``round``: a warm start from the model the round judged with, trained on everything the
+    campaign's judge and people answered up to this round (never a model's own answers), scored on
+    held-out prompts, and saved as preference_models/r<round>, the model of the next round. Returns
+    prefmodel/ metrics (a rerun returns the stored ones). With nothing to learn from yet (no judged
+    pairs, all ties, too few prompts to hold some out) it writes nothing, says why in ``log``, and the
+    next round keeps the current model."""
+    if store.exists(_manifest(round)):
+        return {**read_manifest(store, round)["metrics"], "prefmodel/already_stored": 1.0}
+    from solvers import preference_model as pm
+
+    start = model_for_round(store, config, round)
+    work = store.local_path(f"{MODELS}/.work-r{round}") if store.is_local else None
+    with tempfile.TemporaryDirectory() as tmp:
+        init = local_folder(store, model_dir(start), os.path.join(tmp, "init"))
+        try:
+            report = pm.fit_preference_model(
+                store,
+                os.path.join(tmp, "fit"),
+                init=init,
+                train_config=train_config(config),
+                rounds=range(0, round + 1),
+                oracle_ids=campaign_oracle_ids(config, world),
+                checkpoint_dir=work or os.path.join(tmp, "work"),
+            )
+        except pm.PreferenceDataError as e:
+            if log is not None:
+                log.warning("round %d: the preference model is not retrained (%s); round %d judges with %s", round, e, round + 1, model_dir(start))
+            return {"prefmodel/retrained": 0.0, "prefmodel/version": float(start)}
+        metrics = {k: v for k, v in report.metrics.items() if k.startswith("prefmodel/")}
+        metrics |= {"prefmodel/seconds": report.metrics["perf/seconds"], "prefmodel/retrained": 1.0, "prefmodel/version": float(round), "prefmodel/from_version": float(start)}
+        manifest = {"round": round, "fingerprint": report.fingerprint, "head": json.loads((report.path / pm.PREFERENCE_FILE).read_text())["head"], "from": start, "metrics": metrics}
+        save_model(store, round, report.path, manifest)
+    if work is not None:
+        shutil.rmtree(work, ignore_errors=True)
+    return metrics
+
+
+def _worth_retrying(task, task_run, state) -> bool:
+    """Retry what may pass the next time (a device, a filesystem), not bad data or settings."""
+    return not isinstance(state.result(raise_on_failure=False), (ValueError, TypeError, KeyError, ArithmeticError))
+
+
+# tags=["gpu"]: the same concurrency limit as the policy update; one retry resumes from the step checkpoints
+@task(
+    name="retrain-preference-model", task_run_name="{config.name}-r{round}-retrain", cache_policy=NO_CACHE, tags=["gpu"],
+    retries=1, retry_delay_seconds=10, retry_condition_fn=_worth_retrying,
+)  # fmt: skip
+def retrain_task(config: CampaignConfig, round: int) -> dict:
+    store, log = Store(config.store), get_run_logger()
+    out = retrain_preference_model(store, config, World(config), round=round, log=log)
+    if out.get("prefmodel/retrained"):
+        log.info(
+            "round %d: preference model r%d from r%d on %d pairs: held-out log-loss %s (before %s) in %.1f s",
+            round, round, int(out["prefmodel/from_version"]), int(out["prefmodel/train_pairs"]),
+            _fmt(out.get("prefmodel/eval_logloss")), _fmt(out.get("prefmodel/eval_logloss_before")), out["prefmodel/seconds"],
+        )  # fmt: skip
+    return out
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
