@@ -82,7 +82,11 @@ class Server:
         return self.url.removesuffix("/api")
 
     def post(self, path: str, body: dict | None = None):
-        r = self.http.post(path, json=body or {})
+        for _ in range(5):  # a busy SQLite-backed server answers 503 now and then: ask again
+            r = self.http.post(path, json=body or {})
+            if r.status_code != 503:
+                break
+            time.sleep(1.0)
         assert r.status_code < 300, f"POST {path}: {r.status_code} {r.text[:500]}"
         return r.json() if r.content else None
 
@@ -544,3 +548,50 @@ def test_campaign_with_its_store_on_an_object_store(server, s3_endpoint, monkeyp
     assert store.exists("checkpoints/v2/_COMPLETE") and store.exists("plots/metrics.png")
     comparisons = store.read("comparisons")
     assert len(comparisons) and comparisons["comparison_id"].is_unique
+
+
+# ----- people: a deployment's round suspends and the collect-annotations deployment resumes it ------------
+
+
+@pytest.mark.label_studio
+def test_a_round_suspended_for_people_is_resumed_by_collect_annotations(server, label_studio, tmp_path):
+    """The round deployment submits its pairs to Label Studio and suspends (no process waits); people
+    answer; the collect-annotations deployment stores their votes and resumes the round, whose body
+    runs again from the top and finishes without resubmitting anything."""
+    from label_studio_sdk import LabelStudio
+
+    from oracles.label_studio_tasks import choice_result
+
+    name = f"people-{os.getpid()}-{int(time.time()) % 100000}"
+    raw = {
+        "name": name,
+        "store": str(tmp_path / "store"),
+        "rounds": 1,
+        "games": [{"kind": "cyclic", "n": 5}],
+        "policy": {"kind": "tabular", "reference_spread": 0.0},  # uniform: the samples differ
+        "humans": {"share": 1.0, "url": label_studio.url, "api_key_env": "LABEL_STUDIO_API_KEY", "quorum": 1.0},
+        "solver": {"algorithm": "inpo", "beta": 0.5},
+        "sampling": {"samples_per_prompt": 5},
+        "pairing": {"strategy": "all_pairs"},
+    }
+    path = _write_config(tmp_path, raw)
+    run_id = server.run("alignment-round", "round", config_path=path, round=1)
+    run = server.wait(run_id, timeout=180, until={"PAUSED", *TERMINAL})
+    assert run["state"]["type"] == "PAUSED" and run["state"]["name"] == "Suspended", run["state"]
+
+    client = LabelStudio(base_url=label_studio.url, api_key=label_studio.api_key)
+    (project,) = [p for p in client.projects.list() if p.title == f"nashflow {name}"]
+    tasks = list(client.tasks.list(project=project.id, fields="all", page_size=1000))
+    assert tasks
+    for t in tasks:  # the person prefers the response shown on the left
+        client.annotations.create(id=t.id, result=choice_result("left"), lead_time=2.0)
+
+    collect_id = server.run("collect-annotations", "collect-annotations", config_path=path)
+    assert server.wait(collect_id, timeout=120)["state"]["type"] == "COMPLETED", server.tail_logs()
+    run = server.wait(run_id, timeout=240)
+    assert run["state"]["type"] == "COMPLETED", server.tail_logs()
+    store = tmp_path / "store"
+    comparisons = _stored_rows(store, "comparisons")
+    assert len(comparisons) == len(tasks) == len(set(comparisons))
+    assert len(list(client.tasks.list(project=project.id, page_size=1000))) == len(tasks)  # nothing resubmitted
+    assert (store / "checkpoints" / "v1" / "_COMPLETE").exists()
