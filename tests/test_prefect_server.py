@@ -91,7 +91,11 @@ class Server:
         return r.json() if r.content else None
 
     def get(self, path: str):
-        r = self.http.get(path)
+        for _ in range(5):  # as post
+            r = self.http.get(path)
+            if r.status_code != 503:
+                break
+            time.sleep(1.0)
         assert r.status_code < 300, f"GET {path}: {r.status_code} {r.text[:500]}"
         return r.json()
 
@@ -396,7 +400,7 @@ def test_killed_in_the_update_then_retried_resumes_from_its_step_checkpoint(serv
            "policy": {"kind": "causal_lm", "model": "tiny", "max_new_tokens": 8}, "oracle": {"kind": "text_world", "mode": "exact"},
            "solver": {"algorithm": "inpo", "loss": {"eta": 0.1}}, "sampling": {"samples_per_prompt": 4}, "evaluation": {"samples_per_prompt": 2},
            "trainer": {"lr": 0.002, "micro_batch_size": 4, "checkpoint_every": 1}}  # fmt: skip  # 36 pairs: 9 optimizer steps
-    run_id = server.run("nashflow-test-round", "test", config_path=_write_config(tmp_path, raw), round=1, store=str(store), mode="slow-train", seconds=1.5)
+    run_id = server.run("nashflow-test-round", "test", config_path=_write_config(tmp_path, raw), round=1, store=str(store), mode="slow-train", seconds=1.0)
     work = store / "checkpoints" / ".work-v1"
     _kill_when(server, run_id, "a step checkpoint of the update", lambda: latest_checkpoint(work) is not None)
     assert not (store / "checkpoints" / "v1").exists(), "the kill landed before the update finished"
