@@ -316,7 +316,7 @@ def test_a_killed_run_resumed_asks_only_what_is_missing(stub, tmp_path):
 
 
 def test_oracle_id_names_what_changes_answers_and_nothing_secret():
-    base = dict(model="gpt-x", api_key="sk-very-secret")
+    base = dict(model="gpt-x", api_key="k-secret")
     ident = LLMJudge(LLMJudgeConfig(**base)).oracle_id
     assert ident.startswith("llm_judge:gpt-x:") and "secret" not in ident
     same = [dict(api_key="sk-other"), dict(base_url="http://127.0.0.1:1/v1"), dict(max_in_flight=3), dict(rpm=10),
