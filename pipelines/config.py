@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 ALGORITHMS = Literal["nash_mp", "egpo", "inpo", "mnpo", "nash_md", "onpo", "sppo", "online_ipo", "dpo"]
 TABULAR_ONLY = ("onpo",)  # no language-model loss
 LM_ONLY = ("online_ipo", "dpo")  # no exact tabular dynamics
-NOT_WIRED_FOR_LM = ("nash_md", "sppo")  # losses exist; their sampling paths are not in the campaign yet
+NOT_WIRED_FOR_LM = ("nash_md",)  # the loss exists; its geometric-mixture opponent is not sampled in campaigns yet
 
 
 class ConfigError(ValueError):

@@ -79,7 +79,7 @@ def update_causal_lm(store: Store, config: CampaignConfig, world: World, *, roun
     def pair_of(v, r):
         return (float(logp[v][r.a_id]), float(logp[v][r.b_id]))
 
-    examples = [
+    examples = sppo_examples(pairs, rows, logp, anchor_version, finished) if algorithm == "sppo" else [
         Example(
             prompt=r.prompt,
             y=rows.at[r.a_id, "text"],
@@ -117,6 +117,33 @@ def update_causal_lm(store: Store, config: CampaignConfig, world: World, *, roun
     )
     shutil.rmtree(work, ignore_errors=True)
     return {"version": new, "checkpoint": path, "judged_pairs_used": len(examples), **result.summary}
+
+
+def sppo_examples(pairs: pd.DataFrame, rows: pd.DataFrame, logp: dict, anchor_version: str, finished: pd.Series) -> list:
+    """SPPO trains per response: P̂(y ≻ π_t) is y's mean win-rate against the prompt's other samples
+    it was judged against (either order)."""
+    from solvers.trainer import Example
+
+    wins = pd.concat(
+        [
+            pd.DataFrame({"response_id": pairs["a_id"], "prompt": pairs["prompt"], "p": pairs["p_a"]}),
+            pd.DataFrame({"response_id": pairs["b_id"], "prompt": pairs["prompt"], "p": 1.0 - pairs["p_a"]}),
+        ]
+    )
+    rates = wins.groupby(["response_id", "prompt"], sort=True)["p"].mean()
+    return [
+        Example(
+            prompt=prompt,
+            y=rows.at[rid, "text"],
+            y_other=None,
+            p_hat=float(rate),
+            ref_logp=(float(logp["v0"][rid]),),
+            prev_logp=(float(logp[anchor_version][rid]),),
+            finished=(bool(finished[rid]), True),
+            id=rid,
+        )
+        for (rid, prompt), rate in rates.items()
+    ]
 
 
 def win_rate_metrics(p: pd.Series) -> dict:

@@ -31,3 +31,11 @@ def test_demo_campaign_beats_the_reference(tmp_path, prefect_harness):
     files = sorted(os.path.join(d, f) for d, _, fs in os.walk(config.store) for f in fs if f.endswith(".parquet"))
     flows.alignment_round(config, 3)
     assert sorted(os.path.join(d, f) for d, _, fs in os.walk(config.store) for f in fs if f.endswith(".parquet")) == files
+
+
+def test_sppo_trains_per_response_in_a_campaign(tmp_path, prefect_harness):
+    config = load_config(default_config_path(), store=str(tmp_path / "store"), rounds=1, solver={"algorithm": "sppo", "loss": {"eta": 10.0}})
+    flows.alignment_campaign(config)
+    table = stages.rounds_table(Store(config.store))
+    assert "loss/sppo" in table and 0.0 <= table["pref/win_rate"].iloc[0] <= 1.0
+    assert os.path.exists(os.path.join(config.store, "checkpoints", "v1", "_COMPLETE"))
