@@ -2,7 +2,7 @@
 
     python bench/pairwise_model.py [--epochs 6] [--threads 1] [--repeats 5]
 
-The data: the letter world of tests/test_preference_model.py — ``TextWorldOracle`` with three annotator
+The data: the letter world of oracles/text_world.py — ``TextWorldOracle`` with three annotator
 groups, each preferring more of one letter (a, b, c); responses are short strings mostly of one letter
 with some of the next, so majorities go round (P = ⅔ on each edge of a cycle). 24 training prompts and
 8 held-out prompts (other topics, other strings), 6 responses each, every pair judged exactly (soft
@@ -38,22 +38,11 @@ import torch  # noqa: E402
 
 from data.diagnostics import cycle_share  # noqa: E402
 from data.keys import prompt_id  # noqa: E402
-from oracles.text_world import Group, TextWorldOracle, text_world_prompts  # noqa: E402
+from oracles.text_world import TextWorldOracle, letter_texts, letter_world, text_world_prompts  # noqa: E402
 from solvers import preference_model as pm  # noqa: E402
 
 MODEL = pm.PreferenceModelConfig(head_hidden=64, max_prompt_tokens=32, max_response_tokens=32)
 CYCLE = ("aaaabb", "bbbbcc", "ccccaa")  # bbbbcc ≻ aaaabb ≻ ccccaa ≻ bbbbcc, each ⅔
-
-
-def letter_texts(rng: random.Random, k: int) -> list[str]:
-    out: set[str] = set()
-    while len(out) < k:
-        major, minor = rng.choice([("a", "b"), ("b", "c"), ("c", "a")])
-        n = rng.randint(3, 7)
-        chars = list(major * n + minor * rng.randint(1, n - 1))
-        rng.shuffle(chars)
-        out.add("".join(chars))
-    return sorted(out)
 
 
 def examples(world: TextWorldOracle, split: str, *, k: int, seed: int) -> list[pm.PairExample]:
@@ -101,7 +90,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    world = TextWorldOracle(tuple(Group(f"{c}-fans", "fondness", char=c) for c in "abc"), name="letters")
+    world = letter_world()
     train_set = examples(world, "train", k=6, seed=0)
     held_out = examples(world, "eval", k=6, seed=1)
     judged = pd.DataFrame([{"prompt_id": e.prompt_id, "a_id": e.a, "b_id": e.b, "p_a": e.p_a, "n_votes": e.weight} for e in train_set])

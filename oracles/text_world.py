@@ -18,6 +18,7 @@ policy different contexts, and the held-out prompts check that what it learned c
 
 from __future__ import annotations
 
+import random
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 
@@ -130,6 +131,25 @@ _TRAIN_TOPICS = (
 )
 _EVAL_TOPICS = ("a mountain", "tea", "a city", "the night", "a song", "a storm", "a key", "paper")
 _FORMS = ("Write about {}.", "Say something on {}.", "A line about {}:", "Describe {}.")
+
+
+def letter_world() -> "TextWorldOracle":
+    """A world a tiny model learns in seconds: three groups, each fond of one letter (a, b, c). Strings
+    mostly of one letter plus some of the next (:func:`letter_texts`) cycle: e.g. "bbbbcc" ≻ "aaaabb" ≻
+    "ccccaa" ≻ "bbbbcc", each with probability ⅔."""
+    return TextWorldOracle(tuple(Group(f"{c}-fans", "fondness", char=c) for c in "abc"), name="letters")
+
+
+def letter_texts(rng: random.Random, k: int) -> list[str]:
+    """k distinct strings for :func:`letter_world`, each mostly one letter with some of the next one."""
+    out: set[str] = set()
+    while len(out) < k:
+        major, minor = rng.choice([("a", "b"), ("b", "c"), ("c", "a")])
+        n = rng.randint(3, 7)
+        chars = list(major * n + minor * rng.randint(1, n - 1))
+        rng.shuffle(chars)
+        out.add("".join(chars))
+    return sorted(out)
 
 
 def text_world_prompts(split: str) -> list[str]:

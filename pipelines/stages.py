@@ -52,7 +52,8 @@ def sample_responses(store: Store, policy, prompts: list[str], *, round: int, po
             responses.append(dict(response_id=rid, round=round, policy_version=policy_version, prompt_id=pid, text=s.text, n_tokens=s.n_tokens, finish_reason=s.finish_reason))
             if s.logp is not None:
                 logprobs.append(dict(response_id=rid, policy_version=policy_version, round=round, logp=s.logp))
-    unscored = [r for r in responses if r["response_id"] not in {lp["response_id"] for lp in logprobs}]
+    scored = {lp["response_id"] for lp in logprobs}
+    unscored = [r for r in responses if r["response_id"] not in scored]
     if unscored:  # the sampler could not give log π(y|x) on the way: score once, now
         by_id = {prompt_id(p): p for p in todo}
         logps = policy.score([by_id[r["prompt_id"]] for r in unscored], [r["text"] for r in unscored], finished=[r["finish_reason"] == "stop" for r in unscored])

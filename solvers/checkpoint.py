@@ -91,6 +91,43 @@ def load_checkpoint(path: str | os.PathLike, config: CausalLMConfig = CausalLMCo
     return policy, (state or {}).get("optimizer")
 
 
+def save_step(directory: str | os.PathLike, run, tokenizer) -> Path:
+    """The checkpoint of a training run after ``run.step`` optimizer steps (rank 0 writes, the others
+    wait), then prune to ``run.config.keep_checkpoints``. ``run`` has: module, optimizer, scheduler,
+    step, history, fingerprint (of its examples and config), rank, world, config."""
+    path = step_checkpoint(directory, run.step)
+    if run.rank == 0:
+        state = {
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(),
+            "step": run.step,
+            "history": run.history,
+            "fingerprint": run.fingerprint,
+        }
+        save_checkpoint(path, run.module, tokenizer, state, overwrite=True)
+        prune_checkpoints(directory, run.config.keep_checkpoints)
+    if run.world > 1:
+        torch.distributed.barrier()
+    return path
+
+
+def resume_step(directory: str | os.PathLike, run, load=None) -> Path | None:
+    """Load the latest complete step checkpoint in ``directory`` into ``run`` (weights with ``load``,
+    default :func:`load_weights`; AdamW; schedule; step; metrics so far). None when there is none.
+    Refuses a checkpoint of another run (other fingerprint) rather than mixing them."""
+    path = latest_checkpoint(directory)
+    if path is None:
+        return None
+    saved = load_trainer_state(path)
+    if saved.get("fingerprint") != run.fingerprint:
+        raise ValueError(f"{path} belongs to another training run (another update: other examples or config); use a fresh checkpoint_dir or delete it")
+    (load or load_weights)(run.module, path)
+    run.optimizer.load_state_dict(saved["optimizer"])
+    run.scheduler.load_state_dict(saved["scheduler"])
+    run.step, run.history = saved["step"], list(saved["history"])
+    return path
+
+
 def step_checkpoint(directory: str | os.PathLike, step: int) -> Path:
     """Where an update writes its checkpoint after ``step`` optimizer steps."""
     return Path(directory) / f"{STEP_PREFIX}{step:08d}"

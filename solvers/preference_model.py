@@ -629,28 +629,11 @@ def _train_step(run: _Run, batch: list[int]) -> dict[str, float]:
 
 
 def _save_step(run: _Run, directory: str | os.PathLike) -> Path:
-    path = ckpt.step_checkpoint(directory, run.step)
-    if run.rank == 0:
-        state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(), "step": run.step, "history": run.history, "fingerprint": run.fingerprint}
-        ckpt.save_checkpoint(path, run.module, run.module.tokenizer, state, overwrite=True)
-        ckpt.prune_checkpoints(directory, run.config.keep_checkpoints)
-    if run.world > 1:
-        dist.barrier()
-    return path
+    return ckpt.save_step(directory, run, run.module.tokenizer)
 
 
 def _resume(run: _Run, directory: str | os.PathLike) -> Path | None:
-    path = ckpt.latest_checkpoint(directory)
-    if path is None:
-        return None
-    saved = ckpt.load_trainer_state(path)
-    if saved.get("fingerprint") != run.fingerprint:
-        raise ValueError(f"{path} belongs to another training run (other examples or config); use a fresh checkpoint_dir or delete it")
-    _load_weights(run.module, path)
-    run.optimizer.load_state_dict(saved["optimizer"])
-    run.scheduler.load_state_dict(saved["scheduler"])
-    run.step, run.history = saved["step"], list(saved["history"])
-    return path
+    return ckpt.resume_step(directory, run, load=_load_weights)
 
 
 def evaluate(model: PreferenceModel, examples: Sequence[PairExample], *, batch_size: int = 64) -> dict:

@@ -326,37 +326,14 @@ def finish_update(state: UpdateState) -> None:
 
 def save_step_checkpoint(state: UpdateState, directory: str | os.PathLike) -> Path:
     """Write the checkpoint after ``state.step`` steps (rank 0; the others wait) and prune old ones."""
-    path = ckpt.step_checkpoint(directory, state.step)
-    if state.rank == 0:
-        trainer_state = {
-            "optimizer": state.optimizer.state_dict(),
-            "scheduler": state.scheduler.state_dict(),
-            "step": state.step,
-            "history": state.history,
-            "fingerprint": state.fingerprint,
-        }
-        ckpt.save_checkpoint(path, state.module, state.policy.tokenizer, trainer_state, overwrite=True)
-        ckpt.prune_checkpoints(directory, state.config.keep_checkpoints)
-    if state.world > 1:
-        dist.barrier()
-    return path
+    return ckpt.save_step(directory, state, state.policy.tokenizer)
 
 
 def resume(state: UpdateState, directory: str | os.PathLike) -> Path | None:
     """Load the latest complete checkpoint of this update from ``directory`` into ``state`` (weights,
     AdamW, schedule, step, metrics so far). Returns its path, or None when there is none. Refuses a
     directory holding another update's checkpoints rather than mixing them."""
-    path = ckpt.latest_checkpoint(directory)
-    if path is None:
-        return None
-    saved = ckpt.load_trainer_state(path)
-    if saved.get("fingerprint") != state.fingerprint:
-        raise ValueError(f"{path} belongs to another update (other examples or config); use a fresh checkpoint_dir or delete it")
-    ckpt.load_weights(state.module, path)
-    state.optimizer.load_state_dict(saved["optimizer"])
-    state.scheduler.load_state_dict(saved["scheduler"])
-    state.step, state.history = saved["step"], list(saved["history"])
-    return path
+    return ckpt.resume_step(directory, state)
 
 
 # ----- examples → token ids and cached tensors --------------------------------------------------------

@@ -24,10 +24,11 @@ def test_help_lists_the_commands():
 
 
 def test_solve_json_converges():
-    doc = json.loads(nashflow("solve", "--game", "cyclic", "--n", "5", "--beta", "0.5", "--iterations", "30", "--json").stdout)
+    # a random game: uniform play (π_0 = μ) is not its equilibrium, so the gap has somewhere to fall from
+    doc = json.loads(nashflow("solve", "--game", "random", "--n", "5", "--beta", "0.5", "--iterations", "30", "--json").stdout)
     its = doc["iterations"]
     assert len(its) == 31 and doc["nash_residual"] < 1e-12
-    assert its[-1]["duality_gap"] < 1e-6 < its[0]["duality_gap"] or its[0]["duality_gap"] < 1e-12
+    assert its[0]["duality_gap"] > 1e-4 and its[-1]["duality_gap"] < 1e-9
 
 
 def test_solve_refuses_a_bad_matrix(tmp_path):

@@ -26,7 +26,7 @@ from data.keys import prompt_id, response_id
 from data.store import Store
 from oracles.learned import LearnedOracle
 from oracles.protocol import Pair
-from oracles.text_world import Group, TextWorldOracle, text_world_prompts
+from oracles.text_world import TextWorldOracle, letter_texts, letter_world, text_world_prompts
 from solvers import preference_model as pm
 from solvers.causal_lm import tiny_causal_lm
 from solvers.trainer import NonFiniteLossError
@@ -38,22 +38,6 @@ CYCLE = ("aaaabb", "bbbbcc", "ccccaa")  # X, Y, Z: Y ≻ X, Z ≻ Y, X ≻ Z, ea
 
 
 # ----- the letter world (shared with test_cascade.py) ----------------------------------------------------
-
-
-def letter_world() -> TextWorldOracle:
-    return TextWorldOracle(tuple(Group(f"{c}-fans", "fondness", char=c) for c in "abc"), name="letters")
-
-
-def letter_texts(rng: random.Random, k: int) -> list[str]:
-    """k distinct strings, each mostly one letter with some of the next one."""
-    out: set[str] = set()
-    while len(out) < k:
-        major, minor = rng.choice([("a", "b"), ("b", "c"), ("c", "a")])
-        n = rng.randint(3, 7)
-        chars = list(major * n + minor * rng.randint(1, n - 1))
-        rng.shuffle(chars)
-        out.add("".join(chars))
-    return sorted(out)
 
 
 def world_pairs(split: str, *, k: int = 6, seed: int = 0, prompts: int | None = None) -> list[Pair]:
