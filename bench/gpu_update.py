@@ -1,6 +1,7 @@
 """Throughput and model FLOPs utilization of the trainer's update step on a GPU. Prints one JSON line.
 
-    python bench/gpu_update.py                  # CUDA: a ~1.1B Llama, 1024-token sequences, bf16 autocast
+    python bench/gpu_update.py                  # CUDA: a ~1.1B Llama, 1024-token sequences, bf16, compiled
+    python bench/gpu_update.py --no-compile     # the same in eager mode
     python bench/gpu_update.py --smoke          # any machine: a tiny model on the CPU (device "cpu"), seconds
 
 The model is built from a config (random weights, no download): TinyLlama-1.1B's shape (hidden 2048,
@@ -8,7 +9,17 @@ The model is built from a config (random weights, no download): TinyLlama-1.1B's
 sequence is 1024 tokens (128 prompt + 896 response, no padding). The step is ``trainer.train_step``
 with the INPO loss (any loss costs the same: the loss is a few scalars per pair): forward over y and y'
 in one pass, backward, gradient clipping, fused AdamW on float32 master weights, bf16 autocast, SDPA
-attention, no gradient checkpointing (``--gradient-checkpointing`` trades ~30% speed for memory).
+attention, no gradient checkpointing (``--gradient-checkpointing`` trades ~30% speed for memory). On
+CUDA the forward is compiled (``TrainerConfig(compile=True)``, about a minute of warm-up), which fuses the elementwise work
+(norms, rotary, SiLU, casts) that eager mode runs as separate kernels: ~1.45× the tokens per second.
+
+Measured on one H100 80GB HBM3 (torch 2.11, transformers 5.17), 16 sequences of 1024 tokens per step:
+
+    | forward  | micro-batch       | tokens/s | MFU   |
+    | eager    | 4 pairs × 2 accum | 39,700   | 0.249 |
+    | eager    | 8 pairs × 1       | 42,500   | 0.267 |
+    | compiled | 4 pairs × 2 accum | 58,100   | 0.365 |
+    | compiled | 8 pairs × 1       | 60,400   | 0.379 |
 
     MFU = 6 · N · tokens_per_s / peak
 
@@ -97,13 +108,14 @@ def main() -> None:
     ap.add_argument("--max-seconds", type=float, default=120, help="stop timing after this long")
     ap.add_argument("--peak-flops", type=float, default=None)
     ap.add_argument("--loss", default="inpo")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the forward")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the forward (default: on CUDA)")
     ap.add_argument("--gradient-checkpointing", action="store_true")
     args = ap.parse_args()
 
     cuda = torch.cuda.is_available() and not args.smoke
     device = torch.device("cuda" if cuda else "cpu")
     shape = MODEL_1B if cuda else MODEL_SMOKE
+    args.compile = cuda if args.compile is None else args.compile
     seq_len = args.seq_len or (1024 if cuda else 64)
     pairs = args.pairs or (4 if cuda else 2)
     prompt_tokens = seq_len // 8

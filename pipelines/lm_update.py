@@ -105,6 +105,7 @@ def update_causal_lm(store: Store, config: CampaignConfig, world: World, *, roun
         schedule=t.schedule,
         max_grad_norm=t.max_grad_norm,
         gradient_checkpointing=t.gradient_checkpointing,
+        compile=t.compile,
         checkpoint_every=t.checkpoint_every,
         device=config.policy.device,
         seed=config.seed + round,
