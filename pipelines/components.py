@@ -170,6 +170,23 @@ def version(round: int, phase: str = "update") -> str:
     return f"v{round - 1}-mid" if phase == "midpoint" else f"v{round}"
 
 
+_MIXTURE = "-mixture"
+
+
+def mixture_version(version: str) -> str:
+    """The label of Nash-MD's opponents y' ~ π^{1−m} μ^m sampled with π = ``version`` (no checkpoint)."""
+    return version + _MIXTURE
+
+
+def is_mixture(label: str) -> bool:
+    return label.endswith(_MIXTURE)
+
+
+def sampling_policy(label: str) -> str:
+    """The policy version behind a responses' ``policy_version`` label: itself, or a mixture's π."""
+    return label.removesuffix(_MIXTURE)
+
+
 def checkpoint_dir(version: str) -> str:
     return f"checkpoints/{version}"
 

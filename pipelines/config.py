@@ -15,7 +15,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 ALGORITHMS = Literal["nash_mp", "egpo", "inpo", "mnpo", "nash_md", "onpo", "sppo", "online_ipo", "dpo"]
 TABULAR_ONLY = ("onpo",)  # no language-model loss
 LM_ONLY = ("online_ipo", "dpo")  # no exact tabular dynamics
-NOT_WIRED_FOR_LM = ("nash_md",)  # the loss exists; its geometric-mixture opponent is not sampled in campaigns yet
 
 
 class ConfigError(ValueError):
@@ -266,6 +265,10 @@ class SolverConfig(Strict):
 
 class SamplingConfig(Strict):
     samples_per_prompt: int = Field(8, ge=2, description="k responses per prompt and phase; pairs grow as k²")
+    mixture_weight: float = Field(
+        0.125, ge=0.0, le=1.0,
+        description="causal-LM Nash-MD: each y ~ π_t is compared with one y' from the token-level mixture π_t^(1−m) μ^m (0: self-play against π_t)",
+    )
 
 
 class PairingConfig(Strict):
@@ -319,8 +322,6 @@ class CampaignConfig(Strict):
             raise ValueError(f"solver.algorithm {algorithm!r} is a language-model baseline with no tabular dynamics")
         if not tabular and algorithm in TABULAR_ONLY:
             raise ValueError(f"solver.algorithm {algorithm!r} has no language-model loss; use it with a tabular policy")
-        if not tabular and algorithm in NOT_WIRED_FOR_LM:
-            raise ValueError(f"solver.algorithm {algorithm!r}: its loss exists (solvers/losses.py) but campaigns with a causal_lm policy do not run it yet")
         return self
 
 

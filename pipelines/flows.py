@@ -42,20 +42,31 @@ def sample_task(config: CampaignConfig, round: int, phase: str) -> dict:
     store, world, started = Store(config.store), World(config), time.perf_counter()
     v = _sampler_version(config, round, phase)
     policy = load_policy(store, v, config, world)
-    out = stages.sample_responses(store, policy, world.prompts, round=round, policy_version=v, k=config.sampling.samples_per_prompt, seed=config.seed)
+    k = config.sampling.samples_per_prompt
+    out = stages.sample_responses(store, policy, world.prompts, round=round, policy_version=v, k=k, seed=config.seed)
+    if _against_mixture(config):  # Nash-MD's opponents, from the geometric mixture of π_t and μ
+        mixture = (load_policy(store, "v0", config, world), config.sampling.mixture_weight)
+        mixed = stages.sample_responses(store, policy, world.prompts, round=round, policy_version=v, k=k, seed=config.seed, mixture=mixture)
+        out = {key: out[key] + mixed[key] for key in out}
     get_run_logger().info(
         "round %d %s: sampled %d responses from %s (%d already stored) in %.1f s", round, phase, out["sampled"], v, out["already_stored"], time.perf_counter() - started
     )
     return out
 
 
+def _against_mixture(config: CampaignConfig) -> bool:
+    """Causal-LM Nash-MD compares samples of π_t with samples of π_t^(1−m) μ^m (the tabular policy
+    draws its pairs from the mixture itself)."""
+    return config.solver.algorithm == "nash_md" and config.policy.kind == "causal_lm"
+
+
 @task(name="pair-responses", task_run_name="{config.name}-r{round}-{phase}-pair", cache_policy=NO_CACHE)
 def pair_task(config: CampaignConfig, round: int, phase: str) -> list:
     v = _sampler_version(config, round, phase)
-    pairs = stages.pair_responses(
-        Store(config.store), round=round, policy_version=v, strategy=config.pairing.strategy, skip_identical=config.pairing.skip_identical, seed=config.seed
-    )
-    get_run_logger().info("round %d %s: %d ordered pairs among %s's responses (%s)", round, phase, len(pairs), v, config.pairing.strategy)
+    pairing = stages.pair_with_mixture if _against_mixture(config) else stages.pair_responses
+    pairs = pairing(Store(config.store), round=round, policy_version=v, strategy=config.pairing.strategy, skip_identical=config.pairing.skip_identical, seed=config.seed)
+    against = "its mixture's" if _against_mixture(config) else "its own"
+    get_run_logger().info("round %d %s: %d ordered pairs of %s's responses with %s (%s)", round, phase, len(pairs), v, against, config.pairing.strategy)
     return pairs
 
 

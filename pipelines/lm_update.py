@@ -13,7 +13,7 @@ import tempfile
 import pandas as pd
 
 from data import Store
-from pipelines.components import World, load_policy, save_checkpoint, version
+from pipelines.components import World, is_mixture, load_policy, save_checkpoint, version
 from pipelines.config import CampaignConfig
 
 
@@ -44,8 +44,10 @@ def training_pairs(store: Store, config: CampaignConfig, *, round: int, sampled_
         prompt=comps["prompt_id"].map(prompts["prompt"]),
         split=comps["prompt_id"].map(prompts["split"]),
         version_a=comps["a_id"].map(texts["policy_version"]),
+        version_b=comps["b_id"].map(texts["policy_version"]),
     )
-    current = (pairs["round"] == round) & (pairs["version_a"] == sampled_version)
+    # Nash-MD's pairs hold one sample of the phase's version and one of its mixture, in either order
+    current = (pairs["round"] == round) & ((pairs["version_a"] == sampled_version) | (pairs["version_b"] == sampled_version))
     pairs = pairs[(pairs["split"] == "train") & (current | (pairs["round"] < round))]
     return pairs.reset_index(drop=True)
 
@@ -53,19 +55,20 @@ def training_pairs(store: Store, config: CampaignConfig, *, round: int, sampled_
 def update_causal_lm(store: Store, config: CampaignConfig, world: World, *, round: int, phase: str, sampled_version: str, oracle_ids: set[str]) -> dict:
     from solvers import checkpoint as lm_checkpoint
     from solvers import losses
-    from solvers.trainer import Example, TrainerConfig, update
+    from solvers.trainer import ONE_RESPONSE, Example, TrainerConfig, update
 
-    new, anchor_version = version(round, phase), version(round - 1)
+    new, anchor_version, algorithm = version(round, phase), version(round - 1), config.solver.algorithm
     policy, optimizer_state = load_policy(store, anchor_version, config, world, with_optimizer=True)
     pairs = training_pairs(store, config, round=round, sampled_version=sampled_version, oracle_ids=oracle_ids)
     if pairs.empty:
         raise ValueError(f"round {round} {phase}: no judged pairs to train on (all abstained or none stored); the policy stays at {anchor_version}")
     rows = store.read("responses").set_index("response_id")
     ids = pd.unique(pd.concat([pairs["a_id"], pairs["b_id"]]))
+    if algorithm == "nash_md":  # the loss scores y ~ π_t only; its mixture opponents y' need no log-probs
+        ids = [i for i in ids if not is_mixture(rows.at[i, "policy_version"])]
     responses = rows.loc[ids].reset_index()
     responses["prompt"] = responses["prompt_id"].map(store.read("prompts").set_index("prompt_id")["prompt"])
 
-    algorithm = config.solver.algorithm
     logp = {anchor_version: ensure_logprobs(store, policy, anchor_version, responses, round=round)}
     loss_config = losses.make_config(algorithm, **config.solver.loss)
     # MNPO's H past iterates are π_{t}, π_{t−1}, …: the anchor and H − 1 older versions (v0 at the start)
@@ -79,7 +82,7 @@ def update_causal_lm(store: Store, config: CampaignConfig, world: World, *, roun
     def pair_of(v, r):
         return (float(logp[v][r.a_id]), float(logp[v][r.b_id]))
 
-    examples = sppo_examples(pairs, rows, logp, anchor_version, finished) if algorithm == "sppo" else [
+    examples = per_response_examples(pairs, rows, logp, anchor_version, finished, set(ids)) if algorithm in ONE_RESPONSE else [
         Example(
             prompt=r.prompt,
             y=rows.at[r.a_id, "text"],
@@ -120,9 +123,10 @@ def update_causal_lm(store: Store, config: CampaignConfig, world: World, *, roun
     return {"version": new, "checkpoint": path, "judged_pairs_used": len(examples), **result.summary}
 
 
-def sppo_examples(pairs: pd.DataFrame, rows: pd.DataFrame, logp: dict, anchor_version: str, finished: pd.Series) -> list:
-    """SPPO trains per response: P̂(y ≻ π_t) is y's mean win-rate against the prompt's other samples
-    it was judged against (either order)."""
+def per_response_examples(pairs: pd.DataFrame, rows: pd.DataFrame, logp: dict, anchor_version: str, finished: pd.Series, scored: set) -> list:
+    """SPPO and Nash-MD train per response y (those in ``scored``), on its mean win-rate against what
+    it was judged against, in either order: SPPO's P̂(y ≻ π_t) over the prompt's other samples,
+    Nash-MD's P̂(y ≻ y') against its mixture opponent (both orders averaged)."""
     from solvers.trainer import Example
 
     wins = pd.concat(
@@ -131,7 +135,7 @@ def sppo_examples(pairs: pd.DataFrame, rows: pd.DataFrame, logp: dict, anchor_ve
             pd.DataFrame({"response_id": pairs["b_id"], "prompt": pairs["prompt"], "p": 1.0 - pairs["p_a"]}),
         ]
     )
-    rates = wins.groupby(["response_id", "prompt"], sort=True)["p"].mean()
+    rates = wins[wins["response_id"].isin(scored)].groupby(["response_id", "prompt"], sort=True)["p"].mean()
     return [
         Example(
             prompt=prompt,

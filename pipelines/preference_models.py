@@ -40,7 +40,7 @@ from data import Store
 from oracles.cascade import NOT_JUDGED, Budget, Cascade, Confident, OrdersAgree, Stage
 from oracles.learned import LearnedOracle
 from oracles.protocol import Judgment, Pair, make_oracle_id
-from pipelines.components import World, campaign_oracle_ids, local_folder, machine_oracle, phases, publish_folder, version
+from pipelines.components import World, campaign_oracle_ids, local_folder, machine_oracle, phases, publish_folder, sampling_policy, version
 from pipelines.config import CampaignConfig
 
 MODELS = "preference_models"
@@ -346,7 +346,7 @@ class CampaignCascade:
             raise ValueError(f"the cascade judges responses of its campaign's store; {missing[0]} (and {len(missing) - 1} more) is not in {self.store}")
         splits = self.store.read("prompts", columns=["prompt_id", "split"]).set_index("prompt_id")["split"]
         rounds, versions = rows["round"], rows["policy_version"]
-        return [None if splits.get(p.prompt_id) == "eval" else (int(rounds[p.a_id]), versions[p.a_id]) for p in pairs]
+        return [None if splits.get(p.prompt_id) == "eval" else (int(rounds[p.a_id]), sampling_policy(versions[p.a_id])) for p in pairs]
 
     def _people_oracle(self):
         if self._people is None:
@@ -376,7 +376,7 @@ class CampaignCascade:
             return
         stored = self.store.read("comparisons", rounds=[round], columns=["a_id", "oracle_id", "detail"])
         versions = self.store.read("responses", rounds=[round], columns=["response_id", "policy_version"]).set_index("response_id")["policy_version"]
-        mine = stored[(stored["oracle_id"] == self.oracle_id) & (stored["a_id"].map(versions) == sampled)]
+        mine = stored[(stored["oracle_id"] == self.oracle_id) & (stored["a_id"].map(versions).map(sampling_policy, na_action="ignore") == sampled)]
         for text in mine["detail"].dropna():
             detail = json.loads(text)
             if detail.get("held_out"):

@@ -23,6 +23,7 @@ from pipelines.components import (
     checkpoint_dir,
     has_checkpoint,
     load_policy,
+    mixture_version,
     save_checkpoint,
     solver_params,
     version,
@@ -36,20 +37,25 @@ def register_prompts(store: Store, world: World) -> int:
     return len(store.write("prompts", world.prompt_rows()))
 
 
-def sample_responses(store: Store, policy, prompts: list[str], *, round: int, policy_version: str, k: int, seed: int) -> dict:
+def sample_responses(store: Store, policy, prompts: list[str], *, round: int, policy_version: str, k: int, seed: int, mixture=None) -> dict:
     """k responses per prompt from ``policy``, written with their log-probs. Prompts that already have
-    this version's responses in this round are not sampled again."""
-    done = set(store.read("responses", rounds=[round], columns=["prompt_id", "policy_version"]).query("policy_version == @policy_version")["prompt_id"])
+    this version's responses in this round are not sampled again.
+
+    ``mixture=(reference, m)``: Nash-MD's opponents instead, y' ~ π^{1−m} μ^m token by token, stored
+    under ``mixture_version(policy_version)``; their log-probs are still log π(y'|x) of ``policy_version``."""
+    label = mixture_version(policy_version) if mixture else policy_version
+    done = set(store.read("responses", rounds=[round], columns=["prompt_id", "policy_version"]).query("policy_version == @label")["prompt_id"])
     todo = [p for p in prompts if prompt_id(p) not in done]
     if not todo:
         return {"sampled": 0, "already_stored": len(prompts) * k}
-    samples = policy.sample(todo, k, seed=int(stable_hash(seed, round, policy_version, length=4), 16))
+    seed = int(stable_hash(seed, round, policy_version, length=4), 16)
+    samples = policy.sample_mixture(mixture[0], todo, k, m=mixture[1], seed=seed) if mixture else policy.sample(todo, k, seed=seed)
     responses, logprobs = [], []
     for prompt, group in zip(todo, samples):
         pid = prompt_id(prompt)
         for slot, s in enumerate(group):
-            rid = response_id(pid, policy_version, round, slot)
-            responses.append(dict(response_id=rid, round=round, policy_version=policy_version, prompt_id=pid, text=s.text, n_tokens=s.n_tokens, finish_reason=s.finish_reason))
+            rid = response_id(pid, label, round, slot)
+            responses.append(dict(response_id=rid, round=round, policy_version=label, prompt_id=pid, text=s.text, n_tokens=s.n_tokens, finish_reason=s.finish_reason))
             if s.logp is not None:
                 logprobs.append(dict(response_id=rid, policy_version=policy_version, round=round, logp=s.logp))
     scored = {lp["response_id"] for lp in logprobs}
@@ -66,27 +72,50 @@ def sample_responses(store: Store, policy, prompts: list[str], *, round: int, po
 def pair_responses(store: Store, *, round: int, policy_version: str, strategy: str, skip_identical: bool, seed: int) -> list[Pair]:
     """Ordered pairs among each training prompt's responses of one version and round. Deterministic
     (sorted by id, seeded), so recomputing them after a crash gives the same pairs and comparison keys."""
-    resp = store.read("responses", rounds=[round])
-    table = store.read("prompts").set_index("prompt_id")
-    prompts = table["prompt"]
-    train = set(table.index[table["split"] == "train"])
-    resp = resp[(resp["policy_version"] == policy_version) & resp["prompt_id"].isin(train)].sort_values("response_id")
+    resp, prompts = _train_responses(store, round, {policy_version})
     rng = np.random.default_rng(int(stable_hash(seed, round, policy_version, "pairs", length=4), 16))
     pairs = []
     for pid, group in resp.groupby("prompt_id", sort=True):
         rows = list(group[["response_id", "text"]].itertuples(index=False))
         for i in range(len(rows)):
             for j in range(i + 1, len(rows)):
-                (ai, at), (bi, bt) = rows[i], rows[j]
-                if skip_identical and at == bt:
-                    continue
-                if strategy == "both_orders":
-                    pairs += [Pair(pid, prompts[pid], ai, at, bi, bt), Pair(pid, prompts[pid], bi, bt, ai, at)]
-                elif rng.random() < 0.5:
-                    pairs.append(Pair(pid, prompts[pid], ai, at, bi, bt))
-                else:
-                    pairs.append(Pair(pid, prompts[pid], bi, bt, ai, at))
+                pairs += _ordered(rng, strategy, skip_identical, pid, prompts[pid], rows[i], rows[j])
     return pairs
+
+
+def pair_with_mixture(store: Store, *, round: int, policy_version: str, strategy: str, skip_identical: bool, seed: int) -> list[Pair]:
+    """Nash-MD's pairs: each training prompt's sample j of ``policy_version`` against its sample j of
+    the mixture (``sample_responses(..., mixture=...)``), in a seeded random order (or both orders), so
+    a judge's position bias does not leak into P̂(y ≻ y'). Deterministic, like ``pair_responses``."""
+    mixture = mixture_version(policy_version)
+    resp, prompts = _train_responses(store, round, {policy_version, mixture})
+    rng = np.random.default_rng(int(stable_hash(seed, round, mixture, "pairs", length=4), 16))
+    texts = resp.set_index("response_id")["text"]
+    pairs = []
+    for pid in sorted(set(resp["prompt_id"])):
+        slot = 0
+        while (y := response_id(pid, policy_version, round, slot)) in texts.index and (y_mix := response_id(pid, mixture, round, slot)) in texts.index:
+            pairs += _ordered(rng, strategy, skip_identical, pid, prompts[pid], (y, texts[y]), (y_mix, texts[y_mix]))
+            slot += 1
+    return pairs
+
+
+def _train_responses(store: Store, round: int, versions: set[str]) -> tuple[pd.DataFrame, pd.Series]:
+    """This round's responses of ``versions`` to training prompts (sorted by id), and the prompt texts."""
+    resp = store.read("responses", rounds=[round])
+    table = store.read("prompts").set_index("prompt_id")
+    train = set(table.index[table["split"] == "train"])
+    resp = resp[resp["policy_version"].isin(versions) & resp["prompt_id"].isin(train)].sort_values("response_id")
+    return resp, table["prompt"]
+
+
+def _ordered(rng: np.random.Generator, strategy: str, skip_identical: bool, pid: str, prompt: str, x: tuple, y: tuple) -> list[Pair]:
+    """The pair (x, y) of (response_id, text) as the pairing strategy asks: both orders, or one at random."""
+    if skip_identical and x[1] == y[1]:
+        return []
+    if strategy == "both_orders":
+        return [Pair(pid, prompt, *x, *y), Pair(pid, prompt, *y, *x)]
+    return [Pair(pid, prompt, *x, *y)] if rng.random() < 0.5 else [Pair(pid, prompt, *y, *x)]
 
 
 def judge_pairs(store: Store, oracle, pairs: list[Pair], *, round: int, chunk_size: int = 2048, on_chunk=None) -> dict:

@@ -39,3 +39,27 @@ def test_sppo_trains_per_response_in_a_campaign(tmp_path, prefect_harness):
     table = stages.rounds_table(Store(config.store))
     assert "loss/sppo" in table and 0.0 <= table["pref/win_rate"].iloc[0] <= 1.0
     assert os.path.exists(os.path.join(config.store, "checkpoints", "v1", "_COMPLETE"))
+
+
+def test_nash_md_compares_each_sample_with_one_from_the_mixture(tmp_path, prefect_harness):
+    config = load_config(
+        default_config_path(), store=str(tmp_path / "store"), rounds=2, solver={"algorithm": "nash_md", "loss": {"beta": 0.1}}, sampling={"samples_per_prompt": 4, "mixture_weight": 0.5}
+    )
+    flows.alignment_campaign(config)
+    store = Store(config.store)
+    table = stages.rounds_table(store)
+    print(table[["round", "loss/nash_md", "pref/p_hat", "eval/win_rate_vs_ref", "eval/win_rate_ci95"]])
+    assert "loss/nash_md" in table and os.path.exists(os.path.join(config.store, "checkpoints", "v2", "_COMPLETE"))
+
+    responses = store.read("responses", rounds=[2]).set_index("response_id")
+    train = responses[responses["prompt_id"].isin(store.read("prompts").query("split == 'train'")["prompt_id"])]
+    assert train["policy_version"].value_counts().to_dict() == {"v1": 12 * 4, "v1-mixture": 12 * 4}
+    comps = store.read("comparisons", rounds=[2])
+    comps = comps[comps["a_id"].isin(train.index)]
+    versions = sorted(zip(comps["a_id"].map(responses["policy_version"]), comps["b_id"].map(responses["policy_version"])))
+    # one pair per sample of π_1 (identical texts skipped), with its mixture opponent, in a random order
+    assert {frozenset(v) for v in versions} == {frozenset({"v1", "v1-mixture"})} and 0.8 * 48 <= len(comps) <= 48
+    assert 0 < sum(a == "v1" for a, _ in versions) < len(versions)
+    # μ scores the training samples of π_1 the loss uses; their opponents need no log-probs under μ
+    ref = set(store.read("logprobs").query("policy_version == 'v0' and round == 2")["response_id"]) & set(train.index)
+    assert ref and ref <= set(train.index[train["policy_version"] == "v1"])
