@@ -16,6 +16,7 @@ at response positions and normalized chunk by chunk (``token_logprobs``).
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import warnings
@@ -192,6 +193,9 @@ class CausalLMPolicy:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
         self.context = context_length(model, tokenizer)
         self.chat = config.use_chat_template and getattr(tokenizer, "chat_template", None) is not None
+        # A round tokenizes each text several times (sampling, scoring under μ and π_t, the update);
+        # a Python tokenizer costs as much as a tiny model's forward pass, so each text is encoded once.
+        self._tokens = functools.lru_cache(maxsize=2**16)(lambda text, special: tuple(tokenizer(text, add_special_tokens=special).input_ids))
         if self.context is not None and config.max_new_tokens >= self.context:
             raise ValueError(f"max_new_tokens={config.max_new_tokens} leaves no room for a prompt in a context of {self.context} tokens")
 
@@ -224,9 +228,9 @@ class CausalLMPolicy:
         out = []
         for i, (prompt, r) in enumerate(zip(prompts, rooms, strict=True)):
             if self.chat:  # the template writes any special tokens itself
-                ids = self.tokenizer(self.render(prompt), add_special_tokens=False).input_ids
+                ids = list(self._tokens(self.render(prompt), False))
             else:  # the tokenizer's own convention (a BOS for Llama), minus a trailing EOS (T5-style)
-                ids = self.tokenizer(prompt, add_special_tokens=True).input_ids
+                ids = list(self._tokens(prompt, True))
                 if ids and ids[-1] == self.tokenizer.eos_token_id:
                     ids = ids[:-1]
             if not ids:
@@ -238,10 +242,7 @@ class CausalLMPolicy:
         """Response token ids: the text's tokens, plus EOS when the response finished by itself
         (``finished`` default: all did)."""
         finished = [True] * len(responses) if finished is None else finished
-        return [
-            self.tokenizer(text, add_special_tokens=False).input_ids + ([self.eos_id] if stop else [])
-            for text, stop in zip(responses, finished, strict=True)
-        ]
+        return [[*self._tokens(text, False), *([self.eos_id] if stop else [])] for text, stop in zip(responses, finished, strict=True)]
 
     def encode(self, prompts: list[str], responses: list[str], finished: list[bool] | None = None) -> tuple[list[list[int]], list[list[int]]]:
         """Aligned (prompt ids, response ids) for scoring or training; each prompt fitted into what

@@ -8,7 +8,8 @@ policy π_θ and the reference μ, normalized per token:
 
 Plain sampling is the same loop with one model and weight 1, so there is one loop to trust. Each model
 keeps its own KV cache: the prompt goes through each model once, then one token per step (the popular
-implementation re-ran both models over the whole prefix at every token).
+implementation re-ran both models over the whole prefix at every token). Rows with the same prompt (the k
+samples of a prompt) share it: each distinct prompt is read once and its cache rows copied.
 
 Randomness comes from uniforms the caller draws per row (inverse-CDF sampling): a row's tokens then
 depend only on its own uniforms and its own logits, not on which other rows share the batch.
@@ -46,6 +47,42 @@ def left_pad(sequences: list[list[int]], pad_id: int, device: torch.device | str
             mask[i, width - len(s):] = 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     return ids.to(device), mask.to(device), positions.to(device)
+
+
+def takes_ready_mask(model) -> bool:
+    """Whether the model can be handed a ready 4D additive mask, used as-is by every layer: SDPA or
+    eager attention and no layer with a window or chunks of its own. Expanding the 2D padding mask
+    is most of a tiny model's per-token cost in transformers, at every generated token."""
+    config = model.config.get_text_config()
+    if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
+        return False
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return all(t == "full_attention" for t in layer_types)
+    return getattr(config, "sliding_window", None) is None and getattr(config, "attention_chunk_size", None) is None
+
+
+def ready_mask(keep: torch.Tensor, queries: int, dtype: torch.dtype) -> torch.Tensor:
+    """(rows, 1, queries, width) additive mask for the last ``queries`` positions of left-padded rows
+    whose real tokens are ``keep`` (rows, width) bool: causal over real tokens. A pad position attends
+    to itself only, so that no row of the softmax is empty (an empty one gives NaN in its cache)."""
+    width = keep.shape[1]
+    q = torch.arange(width - queries, width, device=keep.device).unsqueeze(-1)
+    k = torch.arange(width, device=keep.device)
+    allowed = ((k <= q) & keep[:, None, :]) | (k == q)
+    return torch.zeros(allowed.shape, dtype=dtype, device=keep.device).masked_fill_(~allowed, torch.finfo(dtype).min).unsqueeze(1)
+
+
+def distinct_rows(prompt_ids: list[list[int]]) -> tuple[list[int], list[int]]:
+    """(the first row of each distinct prompt, for each row the number of its prompt among those)."""
+    number: dict[tuple, int] = {}
+    firsts, share = [], []
+    for row, p in enumerate(prompt_ids):
+        if (key := tuple(p)) not in number:
+            number[key] = len(firsts)
+            firsts.append(row)
+        share.append(number[key])
+    return firsts, share
 
 
 def cache_kwarg(model) -> str:
@@ -102,23 +139,31 @@ def decode(
         raise ValueError("decode: need one non-empty prompt per row of uniforms")
     device = next(models[0].parameters()).device
     ids, mask, positions = left_pad(prompt_ids, pad_id, device)
+    width = ids.shape[1]
+    keep = torch.cat([mask.bool(), torch.ones((rows, max_new_tokens), dtype=torch.bool, device=device)], dim=-1)
     caches = [DynamicCache(config=m.config) for m in models]
     names = [cache_kwarg(m) for m in models]
+    dtypes = [next(m.parameters()).dtype if takes_ready_mask(m) else None for m in models]
     next_position = positions[:, -1] + 1
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
     done = torch.zeros(rows, dtype=torch.bool, device=device)
     logp = torch.zeros(rows, dtype=torch.float64, device=device)
     logq = torch.zeros(rows, dtype=torch.float64, device=device)
     generated = []
+    # t = 0 reads each distinct prompt once (rows ``distinct``); ``share`` then copies its cache rows to every row with that prompt
+    distinct, share = (torch.tensor(x, device=device) for x in distinct_rows(prompt_ids))
+    ids, positions = ids[distinct], positions[distinct]
     for t in range(max_new_tokens):
-        # Each model sees only the tokens it has not seen yet: the whole prompt at t = 0, then one token.
-        step = [
-            torch.log_softmax(
-                m(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **{n: c}).logits[:, -1].float(),
-                dim=-1,
-            )
-            for m, n, c in zip(models, names, caches)
-        ]
+        # Each model sees only the tokens it has not seen yet: the prompts at t = 0, then one token per row.
+        seen = keep[:, : width + t] if t else keep[distinct, :width]
+        step = []
+        for m, n, c, dtype in zip(models, names, caches, dtypes):
+            mask = seen.long() if dtype is None else ready_mask(seen, ids.shape[1], dtype)
+            logits = m(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **{n: c}).logits[:, -1]
+            if t == 0:
+                c.reorder_cache(share)
+                logits = logits[share]
+            step.append(torch.log_softmax(logits.float(), dim=-1))
         if len({s.shape[-1] for s in step}) > 1:
             raise ValueError(f"decode: the models' vocabularies differ ({[s.shape[-1] for s in step]})")
         scores = step[0] if len(step) == 1 and weights[0] == 1.0 else sum(w * s for w, s in zip(weights, step))
@@ -134,7 +179,6 @@ def decode(
         ids = token.unsqueeze(-1)
         positions = next_position.unsqueeze(-1)
         next_position = next_position + 1
-        mask = torch.cat([mask, torch.ones((rows, 1), dtype=mask.dtype, device=device)], dim=-1)
 
     table = torch.stack(generated, dim=1).tolist() if generated else [[] for _ in range(rows)]
     tokens, stopped = [], []

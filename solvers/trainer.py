@@ -511,7 +511,8 @@ def make_optimizer(parameters, config, total_steps: int, *, device: torch.device
     moments are kept: lr, betas, … come from this config, not from the last update."""
     params = [p for p in parameters if p.requires_grad]
     fused = device.type == "cuda" and all(p.is_floating_point() for p in params)
-    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay, fused=fused or None)
+    # one kernel for all parameters (fused on CUDA, foreach elsewhere), not a Python loop over them
+    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay, fused=fused or None, foreach=None if fused else True)
     if optimizer_state is not None:
         fresh = optimizer.state_dict()
         optimizer.load_state_dict({"state": _copy(optimizer_state["state"]), "param_groups": fresh["param_groups"]})

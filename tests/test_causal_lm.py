@@ -178,6 +178,22 @@ def test_decode_uses_the_kv_cache_and_matches_a_full_forward(kind):
     torch.testing.assert_close(out.logq, out.logp)  # temperature 1, no nucleus: sampled from π itself
 
 
+def test_decode_reads_a_repeated_prompt_once_and_samples_each_row_as_alone():
+    policy = tiny_policy()
+    prompt_ids = policy.encode_prompts([PROMPTS[0], PROMPTS[1], PROMPTS[0], PROMPTS[0]])
+    uniforms = torch.rand(4, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    batch_rows = []
+    hook = policy.model.base_model.register_forward_pre_hook(lambda module, args, kwargs: batch_rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        together = decode([policy.model], [1.0], prompt_ids, uniforms, stop_ids={1}, pad_id=0)
+    finally:
+        hook.remove()
+    assert batch_rows[0] == 2 and set(batch_rows[1:]) == {4}  # two distinct prompts read, four rows decoded
+    alone = [decode([policy.model], [1.0], [p], uniforms[i : i + 1], stop_ids={1}, pad_id=0) for i, p in enumerate(prompt_ids)]
+    assert together.tokens == [a.tokens[0] for a in alone] and len({tuple(t) for t in together.tokens}) == 4
+    torch.testing.assert_close(together.logp, torch.cat([a.logp for a in alone]), atol=1e-5, rtol=1e-5)
+
+
 # ----- log-probs --------------------------------------------------------------------------------------
 
 
