@@ -101,11 +101,13 @@ def our_round(policy: CausalLMPolicy, reference: CausalLMPolicy, oracle: TextWor
     flat = [x for s in samples for x in s]
     texts = [x.text for x in flat]
     finished = [x.finish_reason == "stop" for x in flat]
-    ref_logp = reference.score(flat_prompts, texts, finished=finished)  # μ: once per response
+    tokens = [x.token_ids for x in flat]  # the sampled tokens, as the store's responses keep them
+    ref_logp = reference.score(flat_prompts, texts, finished=finished, tokens=tokens)  # μ: once per response
     prev_logp = [x.logp for x in flat]  # π_t: what the sampler computed on the way, as the store caches it
     missing = [i for i, v in enumerate(prev_logp) if v is None]
     if missing:
-        for i, v in zip(missing, policy.score([flat_prompts[i] for i in missing], [texts[i] for i in missing], finished=[finished[i] for i in missing])):
+        rescored = policy.score([flat_prompts[i] for i in missing], [texts[i] for i in missing], finished=[finished[i] for i in missing], tokens=[tokens[i] for i in missing])
+        for i, v in zip(missing, rescored):
             prev_logp[i] = v
     lap("score")
 
@@ -118,6 +120,7 @@ def our_round(policy: CausalLMPolicy, reference: CausalLMPolicy, oracle: TextWor
             ref_logp=(ref_logp[2 * i], ref_logp[2 * i + 1]),
             prev_logp=(prev_logp[2 * i], prev_logp[2 * i + 1]),
             finished=(finished[2 * i], finished[2 * i + 1]),
+            tokens=(tokens[2 * i], tokens[2 * i + 1]),
             id=f"r{seed}-p{i}",
         )
         for i, j in enumerate(judgments)

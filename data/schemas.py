@@ -49,6 +49,9 @@ RESPONSES = Table(
             pa.field("text", pa.string(), nullable=False),
             pa.field("n_tokens", pa.int32()),
             pa.field("finish_reason", pa.string()),
+            # the tokens as the policy sampled them (EOS included when it stopped): what log-probs and
+            # training use; null for a response known only by its text (e.g. from an OpenAI-compatible server)
+            pa.field("token_ids", pa.list_(pa.int32())),
         ]
     ),
     key=("response_id",),

@@ -127,6 +127,7 @@ class Store:
                     t = pq.read_table(f)
             except (pa.ArrowInvalid, OSError) as e:
                 raise StoreError(f"{path}: unreadable Parquet file in table {spec.name!r} ({e})") from e
+            t = _with_added_columns(t, spec.file_schema)
             if not t.schema.equals(spec.file_schema, check_metadata=False):
                 raise StoreError(f"{path}: schema does not match table {spec.name!r}: {_schema_diff(t.schema, spec.file_schema)}")
             if spec.partitioned:
@@ -268,6 +269,17 @@ def _drop_duplicate_keys(t: pa.Table, key: Sequence[str]) -> pa.Table:
             seen.add(k)
             keep.append(i)
     return t if len(keep) == t.num_rows else t.take(pa.array(keep, pa.int64()))
+
+
+def _with_added_columns(t: pa.Table, want: pa.Schema) -> pa.Table:
+    """A file written before nullable columns were added to its table gets them as nulls; anything
+    else that differs is left for the caller to refuse."""
+    added = [f for f in want if f.name not in t.schema.names]
+    if not added or not all(f.nullable for f in added) or len(t.schema) + len(added) != len(want):
+        return t
+    for f in added:
+        t = t.append_column(f, pa.nulls(t.num_rows, f.type))
+    return t.select(want.names)
 
 
 def _schema_diff(got: pa.Schema, want: pa.Schema) -> str:

@@ -23,11 +23,16 @@ def ensure_logprobs(store: Store, policy, policy_version: str, responses: pd.Dat
     cached = cached[cached["policy_version"] == policy_version].set_index("response_id")["logp"]
     missing = responses[~responses["response_id"].isin(cached.index)]
     if len(missing):
-        logps = policy.score(list(missing["prompt"]), list(missing["text"]), finished=list(missing["finish_reason"] == "stop"))
+        logps = policy.score(list(missing["prompt"]), list(missing["text"]), finished=list(missing["finish_reason"] == "stop"), tokens=token_lists(missing["token_ids"]))
         new = pd.DataFrame({"response_id": missing["response_id"].to_numpy(), "policy_version": policy_version, "round": round, "logp": logps})
         store.write("logprobs", new)
         cached = pd.concat([cached, new.set_index("response_id")["logp"]])
     return cached.loc[responses["response_id"]]
+
+
+def token_lists(column: pd.Series) -> list:
+    """The store's token_ids column as lists of ints, None where a response has only its text."""
+    return [None if ids is None else [int(i) for i in ids] for ids in column]
 
 
 def training_pairs(store: Store, config: CampaignConfig, *, round: int, sampled_version: str, oracle_ids: set[str]) -> pd.DataFrame:
@@ -78,11 +83,12 @@ def update_causal_lm(store: Store, config: CampaignConfig, world: World, *, roun
         if v not in logp:
             logp[v] = ensure_logprobs(store, load_policy(store, v, config, world), v, responses, round=round)
     finished = rows["finish_reason"] == "stop"
+    tokens = pd.Series(token_lists(rows["token_ids"]), index=rows.index)
 
     def pair_of(v, r):
         return (float(logp[v][r.a_id]), float(logp[v][r.b_id]))
 
-    examples = per_response_examples(pairs, rows, logp, anchor_version, finished, set(ids)) if algorithm in ONE_RESPONSE else [
+    examples = per_response_examples(pairs, rows, logp, anchor_version, finished, tokens, set(ids)) if algorithm in ONE_RESPONSE else [
         Example(
             prompt=r.prompt,
             y=rows.at[r.a_id, "text"],
@@ -92,6 +98,7 @@ def update_causal_lm(store: Store, config: CampaignConfig, world: World, *, roun
             prev_logp=pair_of(anchor_version, r),
             older_logp=tuple(pair_of(v, r) for v in history),
             finished=(bool(finished[r.a_id]), bool(finished[r.b_id])),
+            tokens=(tokens[r.a_id], tokens[r.b_id]),
             id=r.comparison_id,
         )
         for r in pairs.itertuples(index=False)
@@ -123,7 +130,7 @@ def update_causal_lm(store: Store, config: CampaignConfig, world: World, *, roun
     return {"version": new, "checkpoint": path, "judged_pairs_used": len(examples), **result.summary}
 
 
-def per_response_examples(pairs: pd.DataFrame, rows: pd.DataFrame, logp: dict, anchor_version: str, finished: pd.Series, scored: set) -> list:
+def per_response_examples(pairs: pd.DataFrame, rows: pd.DataFrame, logp: dict, anchor_version: str, finished: pd.Series, tokens: pd.Series, scored: set) -> list:
     """SPPO and Nash-MD train per response y (those in ``scored``), on its mean win-rate against what
     it was judged against, in either order: SPPO's P̂(y ≻ π_t) over the prompt's other samples,
     Nash-MD's P̂(y ≻ y') against its mixture opponent (both orders averaged)."""
@@ -145,6 +152,7 @@ def per_response_examples(pairs: pd.DataFrame, rows: pd.DataFrame, logp: dict, a
             ref_logp=(float(logp["v0"][rid]),),
             prev_logp=(float(logp[anchor_version][rid]),),
             finished=(bool(finished[rid]), True),
+            tokens=(tokens[rid], None),
             id=rid,
         )
         for (rid, prompt), rate in rates.items()

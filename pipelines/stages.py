@@ -55,14 +55,17 @@ def sample_responses(store: Store, policy, prompts: list[str], *, round: int, po
         pid = prompt_id(prompt)
         for slot, s in enumerate(group):
             rid = response_id(pid, label, round, slot)
-            responses.append(dict(response_id=rid, round=round, policy_version=label, prompt_id=pid, text=s.text, n_tokens=s.n_tokens, finish_reason=s.finish_reason))
+            tokens = None if s.token_ids is None else list(s.token_ids)
+            responses.append(dict(response_id=rid, round=round, policy_version=label, prompt_id=pid, text=s.text, n_tokens=s.n_tokens, finish_reason=s.finish_reason, token_ids=tokens))
             if s.logp is not None:
                 logprobs.append(dict(response_id=rid, policy_version=policy_version, round=round, logp=s.logp))
     scored = {lp["response_id"] for lp in logprobs}
     unscored = [r for r in responses if r["response_id"] not in scored]
     if unscored:  # the sampler could not give log π(y|x) on the way: score once, now
         by_id = {prompt_id(p): p for p in todo}
-        logps = policy.score([by_id[r["prompt_id"]] for r in unscored], [r["text"] for r in unscored], finished=[r["finish_reason"] == "stop" for r in unscored])
+        logps = policy.score(
+            [by_id[r["prompt_id"]] for r in unscored], [r["text"] for r in unscored], finished=[r["finish_reason"] == "stop" for r in unscored], tokens=[r["token_ids"] for r in unscored]
+        )
         logprobs += [dict(response_id=r["response_id"], policy_version=policy_version, round=round, logp=lp) for r, lp in zip(unscored, logps)]
     store.write("responses", responses)
     store.write("logprobs", logprobs)

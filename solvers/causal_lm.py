@@ -3,9 +3,10 @@
 log π(y|x) is always the sum over the response's tokens of log π(y_t | x, y_<t), where x is the prompt as
 the model sees it (the tokenizer's chat template around it when the tokenizer has one) and y ends with the
 end-of-sequence token when the response stopped by itself: that token is what the policy learns about
-length from. Responses are identified by their text (the store keeps text), so log-probs are of the text's
-canonical tokenization; ``Sample.logp`` is filled on the way only when the sampled tokens are that
-tokenization, else left None for ``score`` to fill.
+length from. A sampled response keeps the tokens the policy produced (``Sample.token_ids``, a column of the
+store's responses) and its log-probs are of those tokens: the text, which judges read, need not encode
+back to them (bytes that are not UTF-8 and special tokens are dropped by decoding). A response known only
+by its text (from an OpenAI-compatible server, say) is scored as the text's tokenization.
 
 Two ways to get log-probs, one formula (``sequence_logprobs``):
 - ``CausalLMPolicy.score`` — no grad, batched and length-sorted: what fills the store's log-prob cache.
@@ -238,16 +239,20 @@ class CausalLMPolicy:
             out.append(self._fit(ids, r, i))
         return out
 
-    def encode_responses(self, responses: list[str], finished: list[bool] | None = None) -> list[list[int]]:
-        """Response token ids: the text's tokens, plus EOS when the response finished by itself
-        (``finished`` default: all did)."""
+    def encode_responses(self, responses: list[str], finished: list[bool] | None = None, tokens: list | None = None) -> list[list[int]]:
+        """Response token ids: ``tokens[i]`` where given (as sampled, EOS included when it stopped),
+        else the text's tokens plus EOS when the response finished by itself (``finished`` default: all did)."""
         finished = [True] * len(responses) if finished is None else finished
-        return [[*self._tokens(text, False), *([self.eos_id] if stop else [])] for text, stop in zip(responses, finished, strict=True)]
+        tokens = [None] * len(responses) if tokens is None else tokens
+        return [
+            list(ids) if ids is not None else [*self._tokens(text, False), *([self.eos_id] if stop else [])]
+            for text, stop, ids in zip(responses, finished, tokens, strict=True)
+        ]
 
-    def encode(self, prompts: list[str], responses: list[str], finished: list[bool] | None = None) -> tuple[list[list[int]], list[list[int]]]:
+    def encode(self, prompts: list[str], responses: list[str], finished: list[bool] | None = None, tokens: list | None = None) -> tuple[list[list[int]], list[list[int]]]:
         """Aligned (prompt ids, response ids) for scoring or training; each prompt fitted into what
         its response leaves of the context."""
-        response_ids = self.encode_responses(responses, finished)
+        response_ids = self.encode_responses(responses, finished, tokens)
         room = None
         if self.context is not None:
             for i, r in enumerate(response_ids):
@@ -284,12 +289,13 @@ class CausalLMPolicy:
             raise ValueError("sample_mixture: the policy and the reference have different vocabularies")
         return self._sample([self.model, reference.model], [1.0 - m, m], prompts, k, seed=seed, stream="mixture")
 
-    def score(self, prompts: list[str], responses: list[str], *, finished: list[bool] | None = None) -> list[float]:
+    def score(self, prompts: list[str], responses: list[str], *, finished: list[bool] | None = None, tokens: list | None = None) -> list[float]:
         """log π(response | prompt) for aligned lists, without gradients, in length-sorted batches.
-        ``finished[i]`` False means response i was cut at max_new_tokens (no EOS); default all True."""
+        ``finished[i]`` False means response i was cut at max_new_tokens (no EOS); default all True.
+        ``tokens[i]``, where given, are response i's sampled tokens (``Sample.token_ids``): scored instead of the text's."""
         if len(prompts) != len(responses):
             raise ValueError(f"score: {len(prompts)} prompts and {len(responses)} responses")
-        prompt_ids, response_ids = self.encode(prompts, responses, finished)
+        prompt_ids, response_ids = self.encode(prompts, responses, finished, tokens)
         order = sorted(range(len(prompts)), key=lambda i: len(prompt_ids[i]) + len(response_ids[i]))
         out = [0.0] * len(prompts)
         with torch.inference_mode():
@@ -342,10 +348,7 @@ class CausalLMPolicy:
 
     def _as_sample(self, tokens: list[int], stopped: bool, logp: float) -> Sample:
         text = self.tokenizer.decode(tokens[:-1] if stopped else tokens, skip_special_tokens=True)
-        # The log-prob is of these tokens; it is the text's only if the text encodes back to them
-        # (not so after special tokens or bytes that are not UTF-8, which decoding drops).
-        canonical = self.encode_responses([text], [stopped])[0] == tokens
-        return Sample(text=text, n_tokens=len(tokens), finish_reason="stop" if stopped else "length", logp=logp if canonical else None)
+        return Sample(text=text, n_tokens=len(tokens), finish_reason="stop" if stopped else "length", logp=logp, token_ids=tuple(tokens))
 
 
 # ----- loading and tiny models ------------------------------------------------------------------------

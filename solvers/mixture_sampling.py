@@ -70,7 +70,12 @@ def ready_mask(keep: torch.Tensor, queries: int, dtype: torch.dtype) -> torch.Te
     q = torch.arange(width - queries, width, device=keep.device).unsqueeze(-1)
     k = torch.arange(width, device=keep.device)
     allowed = ((k <= q) & keep[:, None, :]) | (k == q)
-    return torch.zeros(allowed.shape, dtype=dtype, device=keep.device).masked_fill_(~allowed, torch.finfo(dtype).min).unsqueeze(1)
+    return additive(allowed, dtype).unsqueeze(1)
+
+
+def additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """0 where ``allowed``, the dtype's most negative number elsewhere."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
 def distinct_rows(prompt_ids: list[list[int]]) -> tuple[list[int], list[int]]:
@@ -144,12 +149,14 @@ def decode(
     caches = [DynamicCache(config=m.config) for m in models]
     names = [cache_kwarg(m) for m in models]
     dtypes = [next(m.parameters()).dtype if takes_ready_mask(m) else None for m in models]
+    step_masks = {dtype: additive(keep, dtype) for dtype in set(dtypes) - {None}}
     next_position = positions[:, -1] + 1
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
     done = torch.zeros(rows, dtype=torch.bool, device=device)
     logp = torch.zeros(rows, dtype=torch.float64, device=device)
     logq = torch.zeros(rows, dtype=torch.float64, device=device)
     generated = []
+    uniforms = uniforms.to(device)
     # t = 0 reads each distinct prompt once (rows ``distinct``); ``share`` then copies its cache rows to every row with that prompt
     distinct, share = (torch.tensor(x, device=device) for x in distinct_rows(prompt_ids))
     ids, positions = ids[distinct], positions[distinct]
@@ -158,7 +165,10 @@ def decode(
         seen = keep[:, : width + t] if t else keep[distinct, :width]
         step = []
         for m, n, c, dtype in zip(models, names, caches, dtypes):
-            mask = seen.long() if dtype is None else ready_mask(seen, ids.shape[1], dtype)
+            if dtype is None:
+                mask = seen.long()
+            else:  # one new token per row attends to every real token so far: a slice of one mask
+                mask = ready_mask(seen, ids.shape[1], dtype) if t == 0 else step_masks[dtype][:, None, None, : width + t]
             logits = m(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **{n: c}).logits[:, -1]
             if t == 0:
                 c.reorder_cache(share)
@@ -167,11 +177,10 @@ def decode(
         if len({s.shape[-1] for s in step}) > 1:
             raise ValueError(f"decode: the models' vocabularies differ ({[s.shape[-1] for s in step]})")
         scores = step[0] if len(step) == 1 and weights[0] == 1.0 else sum(w * s for w, s in zip(weights, step))
-        token, token_logq = choose_tokens(scores, uniforms[:, t].to(device), temperature=temperature, top_p=top_p)
+        token, token_logq = choose_tokens(scores, uniforms[:, t], temperature=temperature, top_p=top_p)
         token = token.masked_fill(done, pad_id)
-        live = ~done
-        logp += torch.where(live, step[0].gather(-1, token.unsqueeze(-1)).squeeze(-1).double(), 0.0)
-        logq += torch.where(live, token_logq, 0.0)
+        logp += step[0].gather(-1, token.unsqueeze(-1)).squeeze(-1).double().masked_fill_(done, 0.0)
+        logq += token_logq.masked_fill(done, 0.0)
         generated.append(token)
         done = done | torch.isin(token, stop)
         if bool(done.all()):

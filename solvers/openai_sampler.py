@@ -90,8 +90,8 @@ class OpenAISampler:
             out[i].append(Sample(text=text, n_tokens=n, finish_reason=reason, logp=logp))
         return out
 
-    def score(self, prompts: list[str], responses: list[str], *, finished: list[bool] | None = None) -> list[float]:
-        return self.scorer.score(prompts, responses, finished=finished)
+    def score(self, prompts: list[str], responses: list[str], *, finished: list[bool] | None = None, tokens: list | None = None) -> list[float]:
+        return self.scorer.score(prompts, responses, finished=finished, tokens=tokens)
 
     def save(self, path: str, *, overwrite: bool = False) -> None:
         """Saves the local policy; the server must then be pointed at the new folder."""

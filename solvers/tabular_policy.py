@@ -80,7 +80,7 @@ class TabularPolicy:
             out.append([Sample(self.responses[prompt][i], 1, "stop", float(np.log(pi[i]))) for i in picks])
         return out
 
-    def score(self, prompts: list[str], responses: list[str], *, finished: list[bool] | None = None) -> list[float]:
+    def score(self, prompts: list[str], responses: list[str], *, finished: list[bool] | None = None, tokens: list | None = None) -> list[float]:
         return [float(self._known(p).l[self.responses[p].index(r)]) for p, r in zip(prompts, responses)]
 
     def save(self, path: str) -> None:

@@ -128,6 +128,7 @@ class Example:
     prev_logp: tuple[float, ...] | None = None  # log π_t(y|x), log π_t(y'|x): the round's anchor
     older_logp: tuple[tuple[float, ...], ...] = ()  # MNPO: (log π_{t−1}(y), log π_{t−1}(y')), (… π_{t−2} …), …
     finished: tuple[bool, bool] = (True, True)  # whether y, y' stopped by themselves (their tokens end with EOS)
+    tokens: tuple[Sequence[int] | None, Sequence[int] | None] = (None, None)  # y's, y''s sampled tokens (trained on instead of the text's)
     id: str = ""  # e.g. the comparison id: named in errors
 
 
@@ -245,7 +246,7 @@ def start_update(policy: CausalLMPolicy | tuple, examples: Sequence[Example], co
     fingerprint = stable_hash(  # the plan depends on the global batch, not on how it is split
         {k: v for k, v in asdict(config).items() if k not in ("device", "checkpoint_every", "keep_checkpoints", "compile", "micro_batch_size", "grad_accum")},
         config.global_batch(world),
-        *((e.id, e.prompt, e.y, e.y_other, e.p_hat, e.p_hat_other, e.ref_logp, e.prev_logp, e.older_logp, e.finished) for e in examples),
+        *((e.id, e.prompt, e.y, e.y_other, e.p_hat, e.p_hat_other, e.ref_logp, e.prev_logp, e.older_logp, e.finished, e.tokens) for e in examples),
     )
     return UpdateState(config, policy, module, model, optimizer, scheduler, data, plan, device, autocast, rank, world, fingerprint=fingerprint, was_training=was_training)
 
@@ -416,7 +417,7 @@ def encode_examples(policy: CausalLMPolicy, examples: Sequence[Example], config:
     texts = [[e.y for e in examples]] + ([[e.y_other for e in examples]] if k == 2 else [])
     prompt_ids, response_ids = [], []
     for j, responses in enumerate(texts):
-        p, r = policy.encode([e.prompt for e in examples], responses, [e.finished[j] for e in examples])
+        p, r = policy.encode([e.prompt for e in examples], responses, [e.finished[j] for e in examples], [e.tokens[j] for e in examples])
         prompt_ids.append(p)
         response_ids.append(r)
     lengths = [max(len(prompt_ids[j][i]) + len(response_ids[j][i]) for j in range(k)) for i in range(len(examples))]

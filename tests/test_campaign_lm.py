@@ -23,6 +23,10 @@ def test_demo_campaign_beats_the_reference(tmp_path, prefect_harness):
     assert "loss/inpo" in table and table["perf/tokens_per_s"].gt(0).all()
 
     store = Store(config.store)
+    responses = store.read("responses")
+    # every response keeps the tokens it was sampled as, which its log-probs are of
+    assert responses["token_ids"].map(lambda ids: ids is not None and len(ids) > 0).all()
+    assert (responses["token_ids"].map(len) == responses["n_tokens"]).all()
     logprobs = store.read("logprobs")
     assert not logprobs.duplicated(["response_id", "policy_version"]).any()
     # the reference scored the training responses it needed exactly once, whatever the round

@@ -118,7 +118,9 @@ def test_a_prompts_samples_do_not_depend_on_its_batch(kind):
     policy = make_policy(kind, CausalLMConfig(max_new_tokens=10, batch_size=5))
     together = policy.sample(PROMPTS, 2, seed=3)
     for i, prompt in enumerate(PROMPTS):
-        assert policy.sample([prompt], 2, seed=3) == [together[i]]
+        alone = policy.sample([prompt], 2, seed=3)[0]
+        assert [(s.text, s.token_ids, s.finish_reason) for s in alone] == [(s.text, s.token_ids, s.finish_reason) for s in together[i]]
+        torch.testing.assert_close(torch.tensor([s.logp for s in alone]), torch.tensor([s.logp for s in together[i]]), atol=1e-4, rtol=1e-5)
 
 
 def test_greedy_and_nucleus():
@@ -151,12 +153,17 @@ def test_sampled_logp_equals_score_of_the_text():
     assert all(s.n_tokens == len(s.text) + (s.finish_reason == "stop") for _, s in flat)
 
 
-def test_logp_is_none_when_the_text_does_not_encode_back():
+def test_logp_is_of_the_sampled_tokens_when_the_text_does_not_encode_back():
     policy = tiny_policy(config=CausalLMConfig(max_new_tokens=24))
-    samples = [s for row in policy.sample(PROMPTS, 4, seed=0) for s in row]
+    samples = [(p, s) for p, row in zip(PROMPTS, policy.sample(PROMPTS, 4, seed=0)) for s in row]
     # A random byte model writes bytes that are not UTF-8, which decoding drops: that text has other tokens.
-    broken = [s for s in samples if policy.encode_responses([s.text], [s.finish_reason == "stop"])[0].__len__() != s.n_tokens]
-    assert broken and all(s.logp is None for s in broken)
+    broken = [(p, s) for p, s in samples if policy.encode_responses([s.text], [s.finish_reason == "stop"])[0] != list(s.token_ids)]
+    assert broken and all(len(s.token_ids) == s.n_tokens for _, s in broken)
+    prompts, texts, tokens = [p for p, _ in broken], [s.text for _, s in broken], [s.token_ids for _, s in broken]
+    of_tokens = policy.score(prompts, texts, tokens=tokens)
+    torch.testing.assert_close(torch.tensor(of_tokens), torch.tensor([s.logp for _, s in broken]), atol=1e-4, rtol=1e-5)
+    of_text = policy.score(prompts, texts, finished=[s.finish_reason == "stop" for _, s in broken])
+    assert all(abs(a - b) > 1e-3 for a, b in zip(of_text, of_tokens))  # the text's own tokens are another sequence
 
 
 @KINDS

@@ -12,6 +12,7 @@ import pytest
 
 from data import Store, StoreError, comparison_id, prompt_id, response_id
 from data.export import export_preferences, preference_pairs
+from data.schemas import RESPONSES
 
 PID = prompt_id("Which is better?")
 
@@ -128,6 +129,17 @@ def test_wrong_schema_file_is_named(tmp_path):
     pq.write_table(pa.table({"response_id": ["x"], "text": [3]}), bad)
     with pytest.raises(StoreError, match=r"part-foreign.parquet: schema does not match table 'responses': missing 'policy_version'"):
         store.read("responses")
+
+
+def test_a_file_from_before_a_nullable_column_was_added_reads_with_nulls(tmp_path):
+    store = Store(tmp_path)
+    _seed(store, n=0)
+    store.write("responses", [dict(response_id="new", round=1, policy_version="v0", prompt_id=PID, text="b", token_ids=[5, 1])])
+    older = RESPONSES.file_schema.remove(RESPONSES.file_schema.get_field_index("token_ids"))
+    pq.write_table(pa.table({"response_id": ["old"], "policy_version": ["v0"], "prompt_id": [PID], "text": ["a"], "n_tokens": [1], "finish_reason": ["stop"]}, schema=older),
+                   tmp_path / "responses" / "round=1" / "part-older.parquet")
+    rows = store.read("responses").set_index("response_id")
+    assert rows.at["old", "token_ids"] is None and list(rows.at["new", "token_ids"]) == [5, 1]
 
 
 def test_a_write_killed_half_way_leaves_the_store_readable_and_unchanged(tmp_path):
