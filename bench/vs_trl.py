@@ -9,9 +9,9 @@ carries our number and says why under ``trl_error``.
 One step on each side = ``--prompts`` prompts × 2 samples = ``--prompts`` judged pairs:
 
 - ours (plain functions, no Prefect): ``CausalLMPolicy.sample`` (k = 2 per prompt) → the rule-based
-  ``TextWorldOracle`` judges each pair (P(a ≻ b)) → log-probs of the responses under the frozen reference
-  μ, scored once (``policy.score``), and under the anchor π_t (from the sampler when it computed them, as
-  the pipeline's store does, else scored) → ``Example`` list as pipelines/lm_update.py builds it →
+  ``TextWorldOracle`` judges each pair (P(a ≻ b)) → log-probs of the sampled tokens under the frozen
+  reference μ, scored once (``policy.score``), and under the anchor π_t (from the sampler, as the
+  pipeline's store keeps them) → ``Example`` list as pipelines/lm_update.py builds it →
   ``solvers.trainer.update`` (one optimizer step, AdamW state carried from round to round).
 - TRL: one ``OnlineDPOTrainer`` training step: generate 2 completions per prompt, the same rule as a
   reward function (TRL 1.16 takes ``reward_funcs``, no pairwise judge: see ``pairwise_rule_reward``),
