@@ -83,10 +83,12 @@ def load_trainer_state(path: str | os.PathLike) -> dict | None:
     return torch.load(f, map_location="cpu", weights_only=True) if f.is_file() else None
 
 
-def load_checkpoint(path: str | os.PathLike, config: CausalLMConfig = CausalLMConfig()) -> tuple[CausalLMPolicy, dict | None]:
+def load_checkpoint(path: str | os.PathLike, config: CausalLMConfig | None = None) -> tuple[CausalLMPolicy, dict | None]:
     """(policy, optimizer state or None) from a checkpoint folder: what a round's update starts from.
-    Pass the optimizer state to ``trainer.update(..., optimizer_state=...)`` to keep AdamW's moments."""
-    policy = CausalLMPolicy.load(path, config)
+    Pass the optimizer state to ``trainer.update(..., optimizer_state=...)`` to keep AdamW's moments.
+    The weights load in float32 unless ``config`` says otherwise: they are the master weights that
+    bf16 autocast trains (``CausalLMConfig``'s own default would give bf16 on CUDA)."""
+    policy = CausalLMPolicy.load(path, config or CausalLMConfig(dtype="float32"))
     state = load_trainer_state(path)
     return policy, (state or {}).get("optimizer")
 

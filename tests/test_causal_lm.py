@@ -61,7 +61,7 @@ def ascii_only(policy: CausalLMPolicy) -> CausalLMPolicy:
 
 def naive_logprob(model, prompt_ids: list[int], response_ids: list[int]) -> float:
     """One unpadded sequence, full float64 log-softmax over the vocabulary at every position."""
-    ids = torch.tensor([prompt_ids + response_ids])
+    ids = torch.tensor([prompt_ids + response_ids], device=model.device)
     with torch.no_grad():
         logits = model(input_ids=ids).logits[0].double()
     logp = torch.log_softmax(logits, dim=-1)
@@ -304,7 +304,7 @@ def test_save_then_load_gives_the_same_policy(tmp_path):
     policy.save(path)
     assert (path / "model.safetensors").is_file() and (path / "tokenizer_config.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["round-1"]  # no partial folder left
-    loaded = CausalLMPolicy.load(path, CausalLMConfig(max_new_tokens=8))
+    loaded = CausalLMPolicy.load(path, CausalLMConfig(max_new_tokens=8, dtype="float32"))  # as saved, on a GPU too
     assert loaded.chat and loaded.encode_prompts(PROMPTS) == policy.encode_prompts(PROMPTS)
     assert loaded.sample(PROMPTS, 2, seed=1) == policy.sample(PROMPTS, 2, seed=1)
     torch.testing.assert_close(torch.tensor(loaded.score(PROMPTS, ["ab", "c", ""])), torch.tensor(policy.score(PROMPTS, ["ab", "c", ""])))
