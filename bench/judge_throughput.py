@@ -10,8 +10,11 @@ so it does half the requests per pair: compare ``requests_per_s``). Prints one J
 
 The event loop runs on one core, so its CPU per request bounds it (``client_cpu_bound_requests_per_s``);
 on a 2-core machine shared with other work the wall-clock figure also depends on the load, which is
-printed. With ``aiohttp`` installed (``openai[aiohttp]``) the judge uses openai's aiohttp transport,
-about a third less CPU per request than httpx2 (``http_backend`` says which ran).
+printed before and after the judge's runs (the 1-minute load average; our own client and server add
+about 1), and so are the cores that other work kept busy during each run (``other_cores_runs``: other
+processes and the hypervisor's steal time; above ~0.5 the run shared our cores). With ``aiohttp``
+installed (``openai[aiohttp]``) the judge uses openai's aiohttp transport, about a third less CPU per
+request than httpx2 (``http_backend`` says which ran).
 """
 
 from __future__ import annotations
@@ -60,6 +63,27 @@ def process_cpu_s(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def machine_busy_s() -> float | None:
+    """CPU seconds all cores have spent busy so far (stolen by the hypervisor included); None where
+    /proc is missing."""
+    try:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, Path("/proc/stat").read_text().split()[1:9])
+    except OSError:
+        return None
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def measured_run(server: subprocess.Popen, base_url: str, pairs: list[Pair], in_flight: int) -> dict:
+    """One judge run, with the CPU the server and the rest of the machine used meanwhile."""
+    server0, busy0 = process_cpu_s(server.pid), machine_busy_s()
+    run = run_judge(base_url, pairs, in_flight)
+    server1, busy1 = process_cpu_s(server.pid), machine_busy_s()
+    run["server_cpu_s"] = server1 - server0 if server0 is not None else None
+    if busy0 is not None and run["server_cpu_s"] is not None:  # other work: cores it kept busy on average
+        run["other_cores"] = (busy1 - busy0 - run["cpu_s"] - run["server_cpu_s"]) / run["wall_s"]
+    return run
+
+
 def run_judge(base_url: str, pairs: list[Pair], in_flight: int) -> dict:
     judge = LLMJudge(LLMJudgeConfig(model="stub", base_url=base_url, api_key="sk-bench", max_in_flight=in_flight))
     cpu0, t0 = time.process_time(), time.perf_counter()
@@ -101,13 +125,9 @@ def main() -> None:
     try:
         run_judge(base_url, make_pairs(args.in_flight), args.in_flight)  # warm up imports and the server
         load = os.getloadavg()[0]
-        runs = []
-        for _ in range(args.repeat):  # the median run is reported; every run is listed
-            server0 = process_cpu_s(proc.pid)
-            run = run_judge(base_url, pairs, args.in_flight)
-            server1 = process_cpu_s(proc.pid)
-            run["server_cpu_s"] = server1 - server0 if server0 is not None else None
-            runs.append(run)
+        # the median run is reported; every run is listed
+        runs = [measured_run(proc, base_url, pairs, args.in_flight) for _ in range(args.repeat)]
+        load_after = os.getloadavg()[0]
         ours = sorted(runs, key=lambda r: r["wall_s"])[len(runs) // 2]
         base = run_baseline(base_url, pairs[: args.baseline_pairs or args.pairs], args.in_flight)
     finally:
@@ -130,6 +150,8 @@ def main() -> None:
         "client_cpu_bound_requests_per_s": round(ours["requests"] / ours["cpu_s"], 1),
         "server_cpu_ms_per_request": round(1000 * ours["server_cpu_s"] / ours["requests"], 3) if ours["server_cpu_s"] is not None else None,
         "pairs_per_s_runs": [round(len(pairs) / r["wall_s"], 1) for r in runs],
+        # cores that other work (other processes, the hypervisor) kept busy during each run
+        "other_cores_runs": [round(r["other_cores"], 2) if "other_cores" in r else None for r in runs],
         "baseline_pairs_per_s": round(base["requests"] / base["wall_s"], 1),  # one request (one order) per pair
         "baseline_requests_per_s": round(base["requests"] / base["wall_s"], 1),
         "baseline_judged": base["judged"],
@@ -137,6 +159,7 @@ def main() -> None:
         # per request, the fair comparison: the baseline asks one order per pair, we ask both
         "speedup_requests_per_s": round((ours["requests"] / ours["wall_s"]) / (base["requests"] / base["wall_s"]), 2),
         "load_avg_1m_before": round(load, 2),
+        "load_avg_1m_after": round(load_after, 2),
         "cpus": os.cpu_count(),
     }))
 

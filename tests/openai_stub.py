@@ -20,7 +20,8 @@ first slot by ``position_bias``. So a debiased judge recovers s_a / (s_a + s_b) 
   (``429`` sends ``Retry-After: <retry_after>``; ``slow`` sleeps ``slow_s`` before answering;
   ``drop`` closes the connection without a reply; ``garbage`` answers 200 with no verdict).
 - Counts every request (``requests``), per kind of fault (``faults``) and keeps the Authorization header
-  values it saw (``auth_headers``) so a test can check that the key was sent; ``log`` lists the requests.
+  values it saw (``auth_headers``) so a test can check that the key was sent, and the names of the
+  headers sent (``header_names``); ``log`` lists the requests.
 
 A plain asyncio HTTP/1.1 server (keep-alive, Content-Length bodies) rather than a web framework: it costs
 little CPU, so a throughput benchmark measures the client, and it can misbehave at the socket level.
@@ -79,6 +80,7 @@ class StubServer:
         self.requests = 0
         self.faults: Counter = Counter()
         self.auth_headers: set[str] = set()
+        self.header_names: set[str] = set()  # lower case
         self.bodies: list[dict] = []  # request bodies, when keep_bodies is set
         self.keep_bodies = False
         self.log: list[tuple[str, str]] = []  # (fault kind or "ok", first 40 characters of response A), in arrival order
@@ -148,17 +150,16 @@ class StubServer:
         self._conns.add(task)
         try:
             while True:
-                line = await reader.readline()
-                if not line.strip():
-                    break
-                method, target, _ = line.decode("latin-1").split(" ", 2)
+                # the whole head in one read (a readline per header costs the benchmark's server CPU);
+                # IncompleteReadError when the client closes the connection
+                request_head = await reader.readuntil(b"\r\n\r\n")
+                request_line, *lines = request_head.decode("latin-1").split("\r\n")
+                method, target, _ = request_line.split(" ", 2)
                 headers = {}
-                while True:
-                    h = await reader.readline()
-                    if h in (b"\r\n", b"\n", b""):
-                        break
-                    k, _, v = h.decode("latin-1").partition(":")
-                    headers[k.strip().lower()] = v.strip()
+                for h in lines:
+                    k, _, v = h.partition(":")
+                    if k:
+                        headers[k.strip().lower()] = v.strip()
                 n = int(headers.get("content-length", "0"))
                 body = await reader.readexactly(n) if n else b""
                 status, payload, extra = await self._answer(method, target, headers, body)
@@ -173,7 +174,7 @@ class StubServer:
                 await writer.drain()
                 if headers.get("connection", "").lower() == "close":
                     break
-        except (ConnectionError, asyncio.IncompleteReadError, ValueError):
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
             pass
         except asyncio.CancelledError:
             pass
@@ -190,6 +191,7 @@ class StubServer:
             return 404, {"error": {"message": f"no route {method} {path}", "type": "not_found"}}, {}
         auth = headers.get("authorization", "")
         self.auth_headers.add(auth)
+        self.header_names.update(headers)
         if self.config.api_key is not None and auth != f"Bearer {self.config.api_key}":
             # like the real API, the message quotes the key it got: a test checks that it goes no further
             return 401, {"error": {"message": f"Incorrect API key provided: {auth.removeprefix('Bearer ')}",

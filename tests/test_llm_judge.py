@@ -460,6 +460,14 @@ def test_judge_works_inside_a_running_event_loop(stub):
     assert [j.p_a for j in js] == pytest.approx([0.25, 0.75])
 
 
+def test_requests_leave_out_openais_telemetry_headers(stub):
+    server = stub()  # the server needs none of them, and each costs CPU on every request
+    judge_for(server).judge([pair(1, 3)])
+    assert "authorization" in server.header_names
+    stainless = {h for h in server.header_names if h.startswith("x-stainless-")}
+    assert stainless <= {"x-stainless-retry-count", "x-stainless-read-timeout"}  # set per request by openai
+
+
 def test_config_is_checked():
     with pytest.raises(ValueError, match="prices has no entry"):
         LLMJudgeConfig(model="m", budget_usd=1.0)
