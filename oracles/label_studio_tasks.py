@@ -285,11 +285,11 @@ def collect_tasks(listed, *, oracle_id: str, min_votes: int) -> Collected:
     tasks: dict[str, TaskVotes] = {}
     problems: list[Problem] = []
     seen: set[int] = set()
-    for task_id, data, annotations, created_at in listed:
+    for task_id, data, task_annotations, created_at in listed:
         if task_id in seen:  # a page boundary that moved while listing
             continue
         seen.add(task_id)
-        task, found = read_task(task_id, data, annotations, created_at, oracle_id=oracle_id)
+        task, found = read_task(task_id, data, task_annotations, created_at, oracle_id=oracle_id)
         problems += found
         if task is None:
             continue
