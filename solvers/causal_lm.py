@@ -147,12 +147,8 @@ def pack(prompt_ids: list[list[int]], response_ids: list[list[int]], *, pad_id: 
         raise ValueError("pack: a prompt has no tokens; nothing would predict its response's first token")
     input_ids, attention_mask, position_ids = left_pad([p + r for p, r in zip(prompt_ids, response_ids)], pad_id)
     width = max(len(r) for r in response_ids) + 1
-    targets = torch.full((len(response_ids), width), pad_id, dtype=torch.long)
-    target_mask = torch.zeros((len(response_ids), width), dtype=torch.bool)
-    for i, r in enumerate(response_ids):
-        if r:
-            targets[i, width - 1 - len(r) : width - 1] = torch.tensor(r, dtype=torch.long)
-            target_mask[i, width - 1 - len(r) : width - 1] = True
+    targets = torch.tensor([[pad_id] * (width - 1 - len(r)) + list(r) + [pad_id] for r in response_ids], dtype=torch.long)
+    target_mask = torch.tensor([[False] * (width - 1 - len(r)) + [True] * len(r) + [False] for r in response_ids])
     return TokenBatch(input_ids, attention_mask, position_ids, targets, target_mask)
 
 
