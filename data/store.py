@@ -71,6 +71,18 @@ class Store:
         with self.fs.open_input_stream(self.path(relpath)) as f:
             return f.read()
 
+    def list_files(self, relpath: str) -> list[str]:
+        """Names of the files directly in the folder ``relpath``, sorted; none when it does not exist."""
+        base = self.path(relpath)
+        if self.fs.get_file_info(base).type == pafs.FileType.NotFound:
+            return []
+        return sorted(info.base_name for info in self.fs.get_file_info(pafs.FileSelector(base)) if info.type == pafs.FileType.File)
+
+    def delete(self, relpath: str) -> None:
+        """Remove one file; nothing to do when it is not there."""
+        if self.exists(relpath):
+            self.fs.delete_file(self.path(relpath))
+
     def _atomic_write(self, final: str, write) -> None:
         parent = final.rsplit("/", 1)[0]
         self.fs.create_dir(parent, recursive=True)

@@ -107,24 +107,12 @@ def mark_waiting(store: Store, round: int, flow_run_id: str) -> None:
 
 
 def waiting_rounds(store: Store) -> list[dict]:
-    import pyarrow.fs as pafs
-
-    base = store.path(WAITING)
-    if store.fs.get_file_info(base).type == pafs.FileType.NotFound:
-        return []
-    out = []
-    for info in store.fs.get_file_info(pafs.FileSelector(base)):
-        if info.base_name.startswith("round-") and info.base_name.endswith(".json"):
-            out.append(json.loads(store.read_bytes(f"{WAITING}/{info.base_name}")))
-    return sorted(out, key=lambda m: m["round"])
+    names = [n for n in store.list_files(WAITING) if n.startswith("round-") and n.endswith(".json")]
+    return sorted((json.loads(store.read_bytes(f"{WAITING}/{n}")) for n in names), key=lambda m: m["round"])
 
 
 def clear_waiting(store: Store, round: int) -> None:
-    path = store.path(f"{WAITING}/round-{round}.json")
-    import pyarrow.fs as pafs
-
-    if store.fs.get_file_info(path).type != pafs.FileType.NotFound:
-        store.fs.delete_file(path)
+    store.delete(f"{WAITING}/round-{round}.json")
 
 
 # ----- Prefect: waiting for people, and the scheduled collection -----------------------------------------

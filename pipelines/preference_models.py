@@ -32,7 +32,6 @@ from collections import defaultdict
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import pyarrow.fs as pafs
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
@@ -57,15 +56,8 @@ def _manifest(round: int) -> str:
 
 def model_rounds(store: Store) -> list[int]:
     """The rounds with a complete preference model (its manifest written), ascending."""
-    base = store.path(MODELS)
-    if store.fs.get_file_info(base).type == pafs.FileType.NotFound:
-        return []
-    out = []
-    for info in store.fs.get_file_info(pafs.FileSelector(base)):
-        stem = info.base_name.removesuffix(".json")
-        if info.type == pafs.FileType.File and info.base_name.endswith(".json") and stem[:1] == "r" and stem[1:].isdigit():
-            out.append(int(stem[1:]))
-    return sorted(out)
+    stems = [name.removesuffix(".json") for name in store.list_files(MODELS) if name.endswith(".json")]
+    return sorted(int(stem[1:]) for stem in stems if stem[:1] == "r" and stem[1:].isdigit())
 
 
 def read_manifest(store: Store, round: int) -> dict:

@@ -609,11 +609,7 @@ def _train_step(run: _Run, batch: list[int]) -> dict[str, float]:
             f"The step was not applied; the model holds step {run.step}'s weights.",
             step=run.step + 1, example_ids=ids, indices=indices, checkpoint=None,
         )  # fmt: skip
-    lr = run.scheduler.get_last_lr()[0]
-    run.optimizer.step()
-    run.scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    run.step += 1
+    lr = trainer.apply_step(run)
     seconds = time.perf_counter() - started
     metrics = {
         "loss/bce": loss_value,

@@ -292,11 +292,7 @@ def train_step(state: UpdateState, batch: list[int]) -> dict[str, float]:
     if not all(math.isfinite(v) for v in values[:-1]) or values[-1] > 0:
         state.optimizer.zero_grad(set_to_none=True)
         raise _non_finite(state, batch, bad, [k for k, v in zip([*data.metric_names, "optim/grad_norm"], values) if not math.isfinite(v)])
-    lr = state.scheduler.get_last_lr()[0]
-    state.optimizer.step()
-    state.scheduler.step()
-    state.optimizer.zero_grad(set_to_none=True)
-    state.step += 1
+    lr = apply_step(state)
     # metrics
     seconds = time.perf_counter() - started
     real_tokens, positions = tokens.tolist()
@@ -311,6 +307,17 @@ def train_step(state: UpdateState, batch: list[int]) -> dict[str, float]:
     })
     state.history.append(metrics)
     return metrics
+
+
+def apply_step(run) -> float:
+    """AdamW's step and the schedule's on gradients already reduced, clipped and checked, then
+    ``run.step`` + 1; returns the learning rate the step used. ``run``: optimizer, scheduler, step."""
+    lr = run.scheduler.get_last_lr()[0]
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    return lr
 
 
 def _seed_dropout(seed: int) -> None:

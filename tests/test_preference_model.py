@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import shutil
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from torchrun_workers import run_two_workers
 
 from data.keys import prompt_id, response_id
 from data.store import Store
@@ -31,7 +29,6 @@ from solvers import preference_model as pm
 from solvers.causal_lm import tiny_causal_lm
 from solvers.trainer import NonFiniteLossError
 
-ROOT = Path(__file__).resolve().parent.parent
 SMALL = pm.PreferenceModelConfig(head_hidden=64, max_prompt_tokens=32, max_response_tokens=32)
 FAST = pm.PreferenceTrainConfig(lr=3e-3, schedule="constant", warmup_steps=10, micro_batch_size=32, epochs=6, eval_share=0)
 CYCLE = ("aaaabb", "bbbbcc", "ccccaa")  # X, Y, Z: Y ≻ X, Z ≻ Y, X ≻ Z, each with P = ⅔
@@ -203,11 +200,7 @@ def test_two_processes_follow_the_single_process_loss_curve(tmp_path):
     """torchrun --nproc_per_node=2 on the CPU (gloo), micro 2 × accum 1 × 2 processes, against one
     process with micro 2 × accum 2: the same global batch of 4 pairs."""
     out = tmp_path / "ddp.pt"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__, "--ddp-worker", str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    ddp = torch.load(out, weights_only=True)
+    ddp = run_two_workers(__file__, out)
     single = pm.tiny_preference_model(SMALL, seed=2)
     result = pm.train(single, ddp_examples(), ddp_config(grad_accum=2))
     torch.testing.assert_close(torch.tensor(ddp["loss"]), torch.tensor([h["loss/bce"] for h in result.history]), rtol=1e-5, atol=1e-6)

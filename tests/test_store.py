@@ -142,6 +142,18 @@ def test_a_file_from_before_a_nullable_column_was_added_reads_with_nulls(tmp_pat
     assert rows.at["old", "token_ids"] is None and list(rows.at["new", "token_ids"]) == [5, 1]
 
 
+def test_list_files_and_delete(tmp_path):
+    store = Store(tmp_path)
+    assert store.list_files("notes") == []  # no folder yet
+    store.write_bytes("notes/b.json", b"{}")
+    store.write_bytes("notes/a.json", b"{}")
+    store.write_bytes("notes/sub/c.json", b"{}")
+    assert store.list_files("notes") == ["a.json", "b.json"]  # files only, not sub-folders
+    store.delete("notes/a.json")
+    store.delete("notes/a.json")  # already gone: nothing to do
+    assert store.list_files("notes") == ["b.json"]
+
+
 def test_a_write_killed_half_way_leaves_the_store_readable_and_unchanged(tmp_path):
     store = Store(tmp_path)
     a, b, c = _seed(store)

@@ -10,20 +10,17 @@ Run as a script (``torchrun … tests/test_trainer.py --ddp-worker OUT``) it is 
 from __future__ import annotations
 
 import math
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from torchrun_workers import run_two_workers
 
 from solvers import checkpoint as ckpt
 from solvers import losses, trainer
 from solvers.causal_lm import tiny_policy
 from solvers.trainer import Example, NonFiniteLossError, TrainerConfig
 
-ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["ab", "hello there", "x", "qq", "a longer prompt here", "zz top", "p", "what now?"]
 Y = ["yes", "no way", "maybe so", "ok", "fine", "a much longer answer", "k", "hm"]
 Y_OTHER = ["nope", "sure thing", "k", "longer answer here", "no", "b", "ok then", "why"]
@@ -262,11 +259,7 @@ def test_two_processes_follow_the_single_process_loss_curve(tmp_path):
     """torchrun --nproc_per_node=2 on the CPU (gloo), micro 2 × accum 1 × 2 processes, against one
     process with micro 2 × accum 2: the same global batch of 4."""
     out = tmp_path / "ddp.pt"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__, "--ddp-worker", str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    ddp = torch.load(out, weights_only=True)
+    ddp = run_two_workers(__file__, out)
 
     policy = tiny_policy(seed=0)
     single = trainer.update(policy, make_examples(policy), ddp_config(grad_accum=2))
