@@ -65,9 +65,10 @@ def throughput(model: pm.PreferenceModel, *, shared: bool, repeats: int) -> floa
         for i in range(8):
             for j in range(8):
                 if i != j:
+                    m = len(prompts)  # unshared: each pair's two responses carry its own number
                     prompts.append(f"Prompt number {n}.")
-                    a.append(ys[i] if shared else ys[i] + f"{len(a)}")
-                    b.append(ys[j] if shared else ys[j] + f"{len(a)}")
+                    a.append(ys[i] if shared else f"{ys[i]}{m}a")
+                    b.append(ys[j] if shared else f"{ys[j]}{m}b")
     model.predict(prompts, a, b, batch_size=256)  # warm-up
     times = []
     for _ in range(repeats):

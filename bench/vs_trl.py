@@ -104,11 +104,6 @@ def our_round(policy: CausalLMPolicy, reference: CausalLMPolicy, oracle: TextWor
     tokens = [x.token_ids for x in flat]  # the sampled tokens, as the store's responses keep them
     ref_logp = reference.score(flat_prompts, texts, finished=finished, tokens=tokens)  # μ: once per response
     prev_logp = [x.logp for x in flat]  # π_t: what the sampler computed on the way, as the store caches it
-    missing = [i for i, v in enumerate(prev_logp) if v is None]
-    if missing:
-        rescored = policy.score([flat_prompts[i] for i in missing], [texts[i] for i in missing], finished=[finished[i] for i in missing], tokens=[tokens[i] for i in missing])
-        for i, v in zip(missing, rescored):
-            prev_logp[i] = v
     lap("score")
 
     examples = [

@@ -37,7 +37,6 @@ never spends more than its budget as long as the worst case holds. Queued stages
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -246,10 +245,7 @@ class Cascade:
         return list(todo) if room is None else list(todo[:room])
 
     def _submit(self, stage: Stage, pairs: list[Pair]) -> None:
-        if "round" in inspect.signature(stage.oracle.submit).parameters:  # Label Studio tags tasks with their round
-            stage.oracle.submit(pairs, round=self.round)
-        else:
-            stage.oracle.submit(pairs)
+        stage.oracle.submit(pairs, round=self.round)
         if stage.budget is not None:
             stage.budget.spend(len(pairs), len(pairs) * (stage.budget.usd_per_pair or 0.0))
 

@@ -40,7 +40,8 @@ class LearnedOracle:
             raise TypeError(f"{type(model).__name__} has no predict(prompts, a_texts, b_texts) method")
         if not isinstance(fingerprint, str) or not fingerprint:
             raise ValueError("the model has no fingerprint: save it as a checkpoint (and load it) first, so its oracle_id names its weights")
-        self.model, self.fingerprint, self.batch_size = model, fingerprint, batch_size
+        self.model, self.fingerprint = model, fingerprint
+        self._predict_kwargs = {"batch_size": batch_size} if _takes_batch_size(model) else {}
         # the fingerprint in the name, readable in the store, besides the id's hash of it
         self.oracle_id = make_oracle_id(KIND, f"{name}@{fingerprint[:12]}", {"fingerprint": fingerprint})
 
@@ -51,8 +52,7 @@ class LearnedOracle:
         if not pairs:
             return []
         started = time.perf_counter()
-        kwargs = {"batch_size": self.batch_size} if _takes_batch_size(self.model) else {}
-        ps = list(self.model.predict([p.prompt for p in pairs], [p.a for p in pairs], [p.b for p in pairs], **kwargs))
+        ps = list(self.model.predict([p.prompt for p in pairs], [p.a for p in pairs], [p.b for p in pairs], **self._predict_kwargs))
         if len(ps) != len(pairs):
             raise RuntimeError(f"{type(self.model).__name__}.predict returned {len(ps)} probabilities for {len(pairs)} pairs")
         latency = (time.perf_counter() - started) / len(pairs)

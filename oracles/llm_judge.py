@@ -26,7 +26,7 @@ What it does for each pair (a, b):
   ``chat.completions.create`` costs ~0.8 ms more CPU per request building and validating models),
   the clients use openai's documented aiohttp transport when ``aiohttp`` is installed (~0.5 ms less)
   and leave out openai's client-telemetry headers (``X-Stainless-OS`` and the like: ~4% less), and one
-  TLS context serves every client of the process (building one costs ~40 ms per batch). Measured and
+  TLS context serves every client of the process (building one costs ~40 ms of CPU). Measured and
   left out (``bench/judge_throughput.py``, 2 cores): an event loop per thread (~4% slower: one GIL),
   a second process (~2% faster, not worth splitting budget and rate limits), uvloop (less CPU, lower
   throughput).
@@ -354,7 +354,7 @@ class _Batch:
             body["top_logprobs"] = cfg.top_logprobs
         if cfg.seed is not None:
             body["seed"] = cfg.seed
-        est_tokens = _prompt_bytes(messages) + job.n * cfg.max_tokens
+        est_tokens = _prompt_bytes(messages) + job.n * cfg.max_tokens if self.tpm else 0  # only a tokens/minute limit needs it
         wait = max(self.rpm.reserve(1) if self.rpm else 0.0, self.tpm.reserve(est_tokens) if self.tpm else 0.0)
         if wait > 0:
             await asyncio.sleep(wait)
@@ -420,7 +420,7 @@ class _Batch:
         self.open_orders -= 1
         if all(x.done for x in s.orders):
             self.results[s.index] = self._finish(s)
-            spent = sum(x.prompt_tokens for x in s.orders) * self.cfg.price[0] + sum(x.completion_tokens for x in s.orders) * self.cfg.price[1]
+            spent = self.results[s.index].cost_usd
             if s.admitted is True:
                 self.budget.settle(s.reserved_usd, spent)
                 for job in self.waiting:  # they may fit now; a pair that cannot is skipped on its turn

@@ -79,7 +79,7 @@ class Oracle(Protocol):
 class QueuedOracle(Protocol):
     oracle_id: str
 
-    def submit(self, pairs: list[Pair]) -> None: ...
+    def submit(self, pairs: list[Pair], *, round: int) -> None: ...  # round: the campaign round the pairs belong to
 
     def collect(self) -> list[Judgment]: ...
 

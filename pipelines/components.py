@@ -121,7 +121,6 @@ def machine_oracle(cfg, world: World):
         from pipelines.secrets import resolve
 
         settings = cfg.model_dump(exclude={"kind", "api_key_secret", "api_key_env"})
-        settings["prices"] = {k: tuple(v) for k, v in settings["prices"].items()}
         return LLMJudge(LLMJudgeConfig(**settings, api_key=resolve(cfg.api_key_secret, cfg.api_key_env)))
     raise ValueError(f"unknown oracle kind {cfg.kind!r}")
 
@@ -189,6 +188,18 @@ def sampling_policy(label: str) -> str:
 
 def checkpoint_dir(version: str) -> str:
     return f"checkpoints/{version}"
+
+
+def work_dir(version: str) -> str:
+    """Where the update that makes ``version`` keeps its step checkpoints until it finishes."""
+    return f"checkpoints/.work-{version}"
+
+
+def worth_retrying(task, task_run, state) -> bool:
+    """Prefect retry condition: retry what may pass the next time (a server, the network, a device),
+    not a bad config or data (ValueError and the like) nor a loss that went NaN (FloatingPointError):
+    those fail the same way."""
+    return not isinstance(state.result(raise_on_failure=False), (ValueError, TypeError, KeyError, ArithmeticError))
 
 
 def has_checkpoint(store: Store, version: str) -> bool:

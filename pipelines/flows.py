@@ -15,7 +15,7 @@ from prefect.cache_policies import NO_CACHE
 from data import Store
 from pipelines import artifacts, secrets, stages
 from pipelines import human
-from pipelines.components import World, build_oracle, campaign_oracle_ids, load_policy, phases, version
+from pipelines.components import World, build_oracle, campaign_oracle_ids, load_policy, phases, version, work_dir, worth_retrying
 from pipelines.config import CampaignConfig
 from pipelines.progress import reporter
 
@@ -26,16 +26,9 @@ def _sampler_version(config: CampaignConfig, round: int, phase: str) -> str:
     return version(round, "midpoint") if (two_phase and phase == "update") else version(round - 1)
 
 
-def _worth_retrying(task, task_run, state) -> bool:
-    """Retry what may pass the next time (a server, the network, a device), not a bad config or data
-    (ValueError and the like) nor a loss that went NaN (FloatingPointError): those fail the same way."""
-    error = state.result(raise_on_failure=False)
-    return not isinstance(error, (ValueError, TypeError, KeyError, ArithmeticError))
-
-
 @task(
     name="sample-responses", task_run_name="{config.name}-r{round}-{phase}-sample", cache_policy=NO_CACHE,
-    retries=2, retry_delay_seconds=10, retry_condition_fn=_worth_retrying,
+    retries=2, retry_delay_seconds=10, retry_condition_fn=worth_retrying,
 )
 @secrets.scrub_errors
 def sample_task(config: CampaignConfig, round: int, phase: str) -> dict:
@@ -72,7 +65,7 @@ def pair_task(config: CampaignConfig, round: int, phase: str) -> list:
 
 @task(
     name="judge-pairs", task_run_name="{config.name}-r{round}-{phase}-judge", cache_policy=NO_CACHE,
-    retries=2, retry_delay_seconds=5, retry_condition_fn=_worth_retrying,
+    retries=2, retry_delay_seconds=5, retry_condition_fn=worth_retrying,
 )
 @secrets.scrub_errors
 def judge_task(config: CampaignConfig, round: int, phase: str, pairs: list) -> dict:
@@ -90,12 +83,12 @@ def judge_task(config: CampaignConfig, round: int, phase: str, pairs: list) -> d
 
 
 def _unfinished_update(config: CampaignConfig, store: Store, new_version: str) -> str | None:
-    """The step checkpoint a killed causal-LM update left (lm_update keeps them in checkpoints/.work-<version>)."""
-    if config.policy.kind != "causal_lm" or not store.is_local or not store.exists(f"checkpoints/.work-{new_version}"):
+    """The step checkpoint a killed causal-LM update left in ``work_dir(new_version)``."""
+    if config.policy.kind != "causal_lm" or not store.is_local or not store.exists(work_dir(new_version)):
         return None
     from solvers.checkpoint import latest_checkpoint
 
-    last = latest_checkpoint(store.local_path(f"checkpoints/.work-{new_version}"))
+    last = latest_checkpoint(store.local_path(work_dir(new_version)))
     return str(last) if last else None
 
 
@@ -103,7 +96,7 @@ def _unfinished_update(config: CampaignConfig, store: Store, new_version: str) -
 # at a time hold the GPU. One retry: a killed or failed update resumes from its step checkpoints.
 @task(
     name="update-policy", task_run_name="{config.name}-r{round}-{phase}-update", cache_policy=NO_CACHE, tags=["gpu"],
-    retries=1, retry_delay_seconds=10, retry_condition_fn=_worth_retrying,
+    retries=1, retry_delay_seconds=10, retry_condition_fn=worth_retrying,
 )
 def update_task(config: CampaignConfig, round: int, phase: str) -> dict:
     store, world, started = Store(config.store), World(config), time.perf_counter()

@@ -23,9 +23,10 @@ from prefect.client.orchestration import get_client
 from prefect.flow_runs import suspend_flow_run
 from prefect.runtime import deployment, flow_run
 
-from data import Store, comparison_id
+from data import Store
 from data.keys import stable_hash
 from oracles.protocol import Pair
+from oracles.resume import unjudged
 from pipelines.config import CampaignConfig
 
 WAITING = "human/waiting"  # store folder: one marker per round suspended for people
@@ -66,19 +67,22 @@ def collect_into_store(store: Store, people) -> dict:
     return {"collected": len(written), "problems": [p.message for p in got.problems], "got": got}
 
 
-def submit_and_collect(store: Store, config: CampaignConfig, pairs: list[Pair], *, round: int) -> dict:
-    """Submit the round's pairs not yet judged by people (idempotent), collect what is finished, and say
-    how far the round's quorum is."""
-    people = people_oracle(config)
-    stored = {k[0] for k in store.keys("comparisons")}
-    todo = [p for p in pairs if comparison_id(p.prompt_id, p.a_id, p.b_id, people.oracle_id) not in stored]
+def submit_and_collect(store: Store, people, pairs: list[Pair], *, round: int) -> dict:
+    """Submit the round's pairs not yet judged by ``people`` (idempotent), collect what is finished, and
+    say how far the round's quorum is."""
+    todo = unjudged(pairs, people.oracle_id, store)
     submitted = people.submit(todo, round=round) if todo else None
+    return {**collect_status(store, people, pairs, round=round), "human/submitted_now": submitted.created if submitted else 0}
+
+
+def collect_status(store: Store, people, pairs: list[Pair], *, round: int) -> dict:
+    """Collect what people have finished into the store; how far the round's quorum is."""
     collected = collect_into_store(store, people)
     got = collected["got"]
     per_round = got.metrics().get(round, {})
     return {
         "human/pairs": len(pairs),
-        "human/submitted_now": submitted.created if submitted else 0,
+        "human/submitted_now": 0,
         "human/collected_now": collected["collected"],
         "human/quorum": got.quorum(round=round) if pairs else 1.0,
         "human/problems": len(collected["problems"]),
@@ -87,10 +91,12 @@ def submit_and_collect(store: Store, config: CampaignConfig, pairs: list[Pair], 
 
 
 def wait_in_place(store: Store, config: CampaignConfig, pairs: list[Pair], *, round: int, log) -> dict:
-    """Poll until the round's quorum is reached or ``wait_timeout_s`` passes."""
+    """Submit what people have not judged yet, then poll until the round's quorum is reached or
+    ``wait_timeout_s`` passes (each poll only collects)."""
     deadline = time.monotonic() + config.humans.wait_timeout_s
+    people = people_oracle(config)
+    status = submit_and_collect(store, people, pairs, round=round)
     while True:
-        status = submit_and_collect(store, config, pairs, round=round)
         if status["human/quorum"] >= config.humans.quorum:
             return status
         if time.monotonic() > deadline:
@@ -100,6 +106,7 @@ def wait_in_place(store: Store, config: CampaignConfig, pairs: list[Pair], *, ro
             )
         log.info("round %d: waiting for people: %.0f%% of %d pairs have their votes (quorum %.0f%%)", round, 100 * status["human/quorum"], len(pairs), 100 * config.humans.quorum)
         time.sleep(config.humans.poll_interval_s)
+        status = collect_status(store, people, pairs, round=round)
 
 
 def mark_waiting(store: Store, round: int, flow_run_id: str) -> None:
@@ -141,7 +148,7 @@ def await_people(config: CampaignConfig, round: int, pairs: list[Pair]) -> dict:
 
 @task(name="submit-to-people", task_run_name="{config.name}-r{round}-people", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10)
 def submit_to_people_task(config: CampaignConfig, round: int, pairs: list) -> dict:
-    return submit_and_collect(Store(config.store), config, pairs, round=round)
+    return submit_and_collect(Store(config.store), people_oracle(config), pairs, round=round)
 
 
 @task(name="wait-for-people", task_run_name="{config.name}-r{round}-wait-people", cache_policy=NO_CACHE)

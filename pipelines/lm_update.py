@@ -13,7 +13,7 @@ import tempfile
 import pandas as pd
 
 from data import Store
-from pipelines.components import World, is_mixture, load_policy, save_checkpoint, version
+from pipelines.components import World, is_mixture, load_policy, save_checkpoint, version, work_dir
 from pipelines.config import CampaignConfig
 
 
@@ -83,7 +83,8 @@ def update_causal_lm(store: Store, config: CampaignConfig, world: World, *, roun
         if v not in logp:
             logp[v] = ensure_logprobs(store, load_policy(store, v, config, world), v, responses, round=round)
     finished = rows["finish_reason"] == "stop"
-    tokens = pd.Series(token_lists(rows["token_ids"]), index=rows.index)
+    used = pd.unique(pd.concat([pairs["a_id"], pairs["b_id"]]))
+    tokens = pd.Series(token_lists(rows.loc[used, "token_ids"]), index=used)
 
     def pair_of(v, r):
         return (float(logp[v][r.a_id]), float(logp[v][r.b_id]))
@@ -121,7 +122,7 @@ def update_causal_lm(store: Store, config: CampaignConfig, world: World, *, roun
         seed=config.seed + round,
     )
     # step checkpoints of an unfinished update live beside the round's checkpoints, so a killed update resumes
-    work = store.local_path(f"checkpoints/.work-{new}") if store.is_local else tempfile.mkdtemp(prefix="nashflow-update-")
+    work = store.local_path(work_dir(new)) if store.is_local else tempfile.mkdtemp(prefix="nashflow-update-")
     result = update(policy, examples, trainer_config, optimizer_state=optimizer_state, checkpoint_dir=work)
     path = save_checkpoint(
         store, new, lambda folder: lm_checkpoint.save_checkpoint(folder, policy.model, policy.tokenizer, {"optimizer": result.optimizer_state})

@@ -39,7 +39,7 @@ from data import Store
 from oracles.cascade import NOT_JUDGED, Budget, Cascade, Confident, OrdersAgree, Stage
 from oracles.learned import LearnedOracle
 from oracles.protocol import Judgment, Pair, make_oracle_id
-from pipelines.components import World, campaign_oracle_ids, local_folder, machine_oracle, phases, publish_folder, sampling_policy, version
+from pipelines.components import World, campaign_oracle_ids, local_folder, machine_oracle, phases, publish_folder, sampling_policy, version, worth_retrying
 from pipelines.config import CampaignConfig
 
 MODELS = "preference_models"
@@ -99,7 +99,8 @@ def ensure_initial_model(store: Store, config: CampaignConfig) -> None:
         else:
             model = _new_model(cfg)
             pm.save_preference_model(model, folder)
-        save_model(store, 0, folder, {"round": 0, "fingerprint": pm.checkpoint_fingerprint(folder), "head": model.config.head, "init": cfg.init})
+        # the model's fingerprint is its folder's (the copy has the same files)
+        save_model(store, 0, folder, {"round": 0, "fingerprint": model.fingerprint, "head": model.config.head, "init": cfg.init})
 
 
 def _is_checkpoint(path: str) -> bool:
@@ -460,15 +461,10 @@ def retrain_preference_model(store: Store, config: CampaignConfig, world: World,
     return metrics
 
 
-def _worth_retrying(task, task_run, state) -> bool:
-    """Retry what may pass the next time (a device, a filesystem), not bad data or settings."""
-    return not isinstance(state.result(raise_on_failure=False), (ValueError, TypeError, KeyError, ArithmeticError))
-
-
 # tags=["gpu"]: the same concurrency limit as the policy update; one retry resumes from the step checkpoints
 @task(
     name="retrain-preference-model", task_run_name="{config.name}-r{round}-retrain", cache_policy=NO_CACHE, tags=["gpu"],
-    retries=1, retry_delay_seconds=10, retry_condition_fn=_worth_retrying,
+    retries=1, retry_delay_seconds=10, retry_condition_fn=worth_retrying,
 )  # fmt: skip
 def retrain_task(config: CampaignConfig, round: int) -> dict:
     store, log = Store(config.store), get_run_logger()

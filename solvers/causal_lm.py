@@ -192,7 +192,7 @@ class CausalLMPolicy:
         self.chat = config.use_chat_template and getattr(tokenizer, "chat_template", None) is not None
         # A round tokenizes each text several times (sampling, scoring under μ and π_t, the update);
         # a Python tokenizer costs as much as a tiny model's forward pass, so each text is encoded once.
-        self._tokens = functools.lru_cache(maxsize=2**16)(lambda text, special: tuple(tokenizer(text, add_special_tokens=special).input_ids))
+        self._tokens = functools.lru_cache(maxsize=2**13)(lambda text, special: tuple(tokenizer(text, add_special_tokens=special).input_ids))
         if self.context is not None and config.max_new_tokens >= self.context:
             raise ValueError(f"max_new_tokens={config.max_new_tokens} leaves no room for a prompt in a context of {self.context} tokens")
 

@@ -65,7 +65,7 @@ from data.diagnostics import answered_by_kind, logloss_gap, prediction_metrics
 from data.keys import stable_hash
 from solvers import checkpoint as ckpt
 from solvers import trainer
-from solvers.causal_lm import ModelLoadError, context_length, tiny_causal_lm
+from solvers.causal_lm import ModelLoadError, _first_line, context_length, tiny_causal_lm
 
 PREFERENCE_FILE = "preference_model.json"  # the head's settings; marks a folder as a preference-model checkpoint
 HEAD_FILE = "head/model.safetensors"  # in a subfolder: checkpoint.load_weights reads the top level's weights (the backbone)
@@ -572,7 +572,7 @@ def _start(model: PreferenceModel, examples: Sequence[PairExample], config: Pref
 def _train_step(run: _Run, batch: list[int]) -> dict[str, float]:
     """One optimizer step on one global batch: encode → logits → weighted BCE → backward → step → metrics."""
     cfg = run.config
-    torch.manual_seed(cfg.seed * 1_000_003 + run.step)  # dropout, if any: replayed identically on resume
+    trainer.seed_dropout(cfg.seed * 1_000_003 + run.step)  # dropout, if any: replayed identically on resume
     started = time.perf_counter()
     total_w = float(run.w[torch.tensor(batch, device=run.device)].sum())  # every process knows the global batch
     sums = torch.zeros(2, dtype=torch.float64, device=run.device)  # Σ w·loss, Σ w·(right side)
@@ -748,7 +748,3 @@ def _prob(logit: float) -> float:
 
 
 _device = trainer._device  # "auto" → CUDA (this process's GPU under torchrun) when present, else CPU
-
-
-def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]

@@ -255,7 +255,7 @@ def train_step(state: UpdateState, batch: list[int]) -> dict[str, float]:
     """One optimizer step on one global batch (example indices): score → loss → backward → step →
     metrics. This process runs its micro-batches; gradients are averaged over processes by DDP."""
     cfg, data, n = state.config, state.data, len(batch)
-    _seed_dropout(cfg.seed * 1_000_003 + state.step)  # dropout, if any: replayed identically on resume
+    seed_dropout(cfg.seed * 1_000_003 + state.step)  # dropout, if any: replayed identically on resume
     started = time.perf_counter()
     sums = torch.zeros(len(data.metric_names), dtype=torch.float64, device=state.device)
     bad = torch.zeros(n, device=state.device)  # 1 where the per-pair loss is not finite
@@ -320,7 +320,7 @@ def apply_step(run) -> float:
     return lr
 
 
-def _seed_dropout(seed: int) -> None:
+def seed_dropout(seed: int) -> None:
     """Seed the generators dropout draws from: the CPU's and, once initialized, CUDA's. (torch.manual_seed
     also queues seeds for every other backend, recording a stack trace each time: ~1 ms per step.)"""
     torch.default_generator.manual_seed(seed)

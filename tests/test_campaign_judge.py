@@ -15,7 +15,7 @@ KEY = "sk-test-campaign-judge-0123456789abcdef"
 
 def test_judge_campaign_runs_and_keeps_the_key_out(tmp_path, prefect_harness, monkeypatch):
     monkeypatch.setenv("NASHFLOW_TEST_JUDGE_KEY", KEY)
-    with StubServer(StubConfig(latency_s=0.0)) as server:
+    with StubServer(StubConfig(latency_s=0.0, api_key=KEY)) as server:  # refuses any other key
         config = parse_config(
             {
                 "name": "judged",

@@ -52,7 +52,6 @@ def test_nash_md_compares_each_sample_with_one_from_the_mixture(tmp_path, prefec
     flows.alignment_campaign(config)
     store = Store(config.store)
     table = stages.rounds_table(store)
-    print(table[["round", "loss/nash_md", "pref/p_hat", "eval/win_rate_vs_ref", "eval/win_rate_ci95"]])
     assert "loss/nash_md" in table and os.path.exists(os.path.join(config.store, "checkpoints", "v2", "_COMPLETE"))
 
     responses = store.read("responses", rounds=[2]).set_index("response_id")

@@ -178,9 +178,11 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path):
     resumed = pm.tiny_preference_model(SMALL, seed=1)
     with pytest.raises(KeyboardInterrupt):
         pm.train(resumed, examples, config, checkpoint_dir=tmp_path / "steps", on_step=kill)
-    fresh = pm.tiny_preference_model(SMALL, seed=1)  # a new process: weights from the checkpoint at step 2
-    result = pm.train(fresh, examples, config, checkpoint_dir=tmp_path / "steps")
-    assert len(result.history) == 5
+    # a new process, another initialization: only the checkpoint at step 2 can make it end like `straight`
+    fresh = pm.tiny_preference_model(SMALL, seed=7)
+    steps_run = []
+    result = pm.train(fresh, examples, config, checkpoint_dir=tmp_path / "steps", on_step=lambda s, m: steps_run.append(s))
+    assert steps_run == [3, 4, 5] and len(result.history) == 5
     for (k, a), b in zip(straight.state_dict().items(), fresh.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
     with pytest.raises(ValueError, match="another training run"):
