@@ -22,6 +22,9 @@ def _quiet() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # with no PREFECT_API_URL a run starts its own Prefect server; Prefect gives it 20 s, which a busy
+    # 2-core machine can exceed (seen once in CI: "Timed out while attempting to connect")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 def _run_campaign(config) -> None:
