@@ -70,6 +70,7 @@ class CausalLMPolicyConfig(Strict):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     too_long: Literal["truncate", "refuse"] = Field("truncate", description="a prompt longer than the context: truncate with a warning, or stop")
     device: str = Field("auto", description="'auto': CUDA when present, else CPU")
+    lean_forward: bool = Field(True, description="sample and score Llama, Mistral and Qwen2 models through solvers/lean_forward.py (same logits, less overhead); false: always the model's own forward")
 
 
 class TrainerSettings(Strict):

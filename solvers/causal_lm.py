@@ -28,7 +28,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, ByT5Tokenizer, LlamaConfig, LlamaForCausalLM
 
 from data.keys import stable_hash
-from solvers.mixture_sampling import decode, left_pad
+from solvers.lean_forward import LeanForward
+from solvers.mixture_sampling import decode, left_pad, ready_mask
 from solvers.policy import Sample
 
 # A minimal chat template for tiny models (`transformers serve` needs one to answer chat requests).
@@ -65,6 +66,7 @@ class CausalLMConfig:
     device: str = "auto"  # "auto" = cuda when available, else cpu
     dtype: str = "auto"  # "auto" = bfloat16 on cuda, float32 on cpu; or float32 / bfloat16 / float16
     chunk_elements: int = 2**24  # logits normalized per chunk of this many floats (64 MiB in float32)
+    lean_forward: bool = True  # sample and score through solvers/lean_forward.py where it supports the model
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -152,24 +154,31 @@ def pack(prompt_ids: list[list[int]], response_ids: list[list[int]], *, pad_id: 
     return TokenBatch(input_ids, attention_mask, position_ids, targets, target_mask)
 
 
-def sequence_logprobs(model, batch: TokenBatch, *, chunk_elements: int = 2**24) -> torch.Tensor:
+def sequence_logprobs(model, batch: TokenBatch, *, chunk_elements: int = 2**24, lean: bool = False) -> torch.Tensor:
     """(batch,) float32: Σ_t log π(y_t | x, y_<t) over each row's response tokens. Differentiable
-    when grad is enabled; the caller chooses (``torch.inference_mode()`` for caching)."""
+    when grad is enabled; the caller chooses (``torch.inference_mode()`` for caching). ``lean``, without
+    grad: through solvers/lean_forward.py when it supports the model."""
     batch = batch.to(next(model.parameters()).device)
-    out = model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        use_cache=False,
-        logits_to_keep=batch.targets.shape[1],
-    )
-    per_token = token_logprobs(out.logits, batch.targets, chunk_elements=chunk_elements)
+    keep = batch.targets.shape[1]
+    runner = LeanForward.of(model) if lean and not torch.is_grad_enabled() else None
+    if runner is None:
+        logits = model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            use_cache=False,
+            logits_to_keep=keep,
+        ).logits
+    else:
+        mask = ready_mask(batch.attention_mask.bool(), batch.input_ids.shape[1], runner.dtype)
+        logits = runner.forward(batch.input_ids, runner.rope(batch.position_ids), mask, keep=keep)
+    per_token = token_logprobs(logits, batch.targets, chunk_elements=chunk_elements)
     return (per_token * batch.target_mask).sum(-1)
 
 
-def response_logprobs(model, prompt_ids: list[list[int]], response_ids: list[list[int]], *, pad_id: int, chunk_elements: int = 2**24) -> torch.Tensor:
-    """(batch,) log π(response | prompt) from token ids, with gradients: the trainer's entry point."""
-    return sequence_logprobs(model, pack(prompt_ids, response_ids, pad_id=pad_id), chunk_elements=chunk_elements)
+def response_logprobs(model, prompt_ids: list[list[int]], response_ids: list[list[int]], *, pad_id: int, chunk_elements: int = 2**24, lean: bool = False) -> torch.Tensor:
+    """(batch,) log π(response | prompt) from token ids, with gradients when enabled."""
+    return sequence_logprobs(model, pack(prompt_ids, response_ids, pad_id=pad_id), chunk_elements=chunk_elements, lean=lean)
 
 
 # ----- the policy -------------------------------------------------------------------------------------
@@ -304,7 +313,7 @@ class CausalLMPolicy:
 
     def logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> torch.Tensor:
         """(batch,) log π(response | prompt) from token ids (``encode``), with gradients when enabled."""
-        return response_logprobs(self.model, prompt_ids, response_ids, pad_id=self.pad_id, chunk_elements=self.config.chunk_elements)
+        return response_logprobs(self.model, prompt_ids, response_ids, pad_id=self.pad_id, chunk_elements=self.config.chunk_elements, lean=self.config.lean_forward)
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
         """Model (safetensors) and tokenizer into the folder ``path``, atomically: see
@@ -333,6 +342,7 @@ class CausalLMPolicy:
                 pad_id=self.pad_id,
                 temperature=self.config.temperature,
                 top_p=self.config.top_p,
+                lean=self.config.lean_forward,
             )
             for (i, j), tokens, stopped, logp in zip(chunk, decoded.tokens, decoded.stopped, decoded.logp.tolist()):
                 out[i][j] = self._as_sample(tokens, stopped, logp)

@@ -9,7 +9,9 @@ policy π_θ and the reference μ, normalized per token:
 Plain sampling is the same loop with one model and weight 1, so there is one loop to trust. Each model
 keeps its own KV cache: the prompt goes through each model once, then one token per step (the popular
 implementation re-ran both models over the whole prefix at every token). Rows with the same prompt (the k
-samples of a prompt) share it: each distinct prompt is read once and its cache rows copied.
+samples of a prompt) share it: each distinct prompt is read once and its cache rows copied. A model
+solvers/lean_forward.py supports runs through it, with a cache preallocated for the whole response;
+any other runs its own forward with a transformers DynamicCache. Both give the same logits.
 
 Randomness comes from uniforms the caller draws per row (inverse-CDF sampling): a row's tokens then
 depend only on its own uniforms and its own logits, not on which other rows share the batch.
@@ -22,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
+
+from solvers.lean_forward import LeanForward
 
 
 @dataclass
@@ -127,12 +131,14 @@ def decode(
     pad_id: int,
     temperature: float = 1.0,
     top_p: float = 1.0,
+    lean: bool = True,
 ) -> Decoded:
     """Sample one response per prompt row from softmax(Σ_i weights[i]·log_softmax(logits_i)), tempered
     and nucleus-truncated, with one KV cache per model.
 
     ``uniforms`` is (rows, max_new_tokens): row r's t-th token uses uniforms[r, t]; its width is the
-    number of new tokens. All models must share one vocabulary and sit on one device.
+    number of new tokens. All models must share one vocabulary and sit on one device. ``lean``: run
+    each model that solvers/lean_forward.py supports through it (same logits, less overhead per token).
     """
     if len(models) != len(weights) or not models:
         raise ValueError(f"decode: {len(models)} models but {len(weights)} weights")
@@ -141,13 +147,8 @@ def decode(
         raise ValueError("decode: need one non-empty prompt per row of uniforms")
     device = next(models[0].parameters()).device
     ids, mask, positions = left_pad(prompt_ids, pad_id, device)
-    width = ids.shape[1]
     keep = torch.cat([mask.bool(), torch.ones((rows, max_new_tokens), dtype=torch.bool, device=device)], dim=-1)
-    caches = [DynamicCache(config=m.config) for m in models]
-    names = [cache_kwarg(m) for m in models]
-    dtypes = [next(m.parameters()).dtype if takes_ready_mask(m) else None for m in models]
-    step_masks = {dtype: additive(keep, dtype) for dtype in set(dtypes) - {None}}
-    next_position = positions[:, -1] + 1
+    steppers = [_stepper(m, keep, positions, lean) for m in models]
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
     done = torch.zeros(rows, dtype=torch.bool, device=device)
     logp = torch.zeros(rows, dtype=torch.float64, device=device)
@@ -156,21 +157,13 @@ def decode(
     uniforms = uniforms.to(device)
     # t = 0 reads each distinct prompt once (rows ``distinct``); ``share`` then copies its cache rows to every row with that prompt
     distinct, share = (torch.tensor(x, device=device) for x in distinct_rows(prompt_ids))
-    ids, positions = ids[distinct], positions[distinct]
     for t in range(max_new_tokens):
         # Each model sees only the tokens it has not seen yet: the prompts at t = 0, then one token per row.
-        seen = keep[:, : width + t] if t else keep[distinct, :width]
-        step = []
-        for m, n, c, dtype in zip(models, names, caches, dtypes):
-            if dtype is None:
-                mask = seen.long()
-            else:  # one new token per row attends to every real token so far: a slice of one mask
-                mask = ready_mask(seen, ids.shape[1], dtype) if t == 0 else step_masks[dtype][:, None, None, : width + t]
-            logits = m(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **{n: c}).logits[:, -1]
-            if t == 0:
-                c.reorder_cache(share)
-                logits = logits[share]
-            step.append(torch.log_softmax(logits.float(), dim=-1))
+        if t == 0:
+            step = [s.prompts(ids[distinct], distinct, share) for s in steppers]
+        else:
+            step = [s.token(token.unsqueeze(-1), t) for s in steppers]
+        step = [torch.log_softmax(logits.float(), dim=-1) for logits in step]
         if len({s.shape[-1] for s in step}) > 1:
             raise ValueError(f"decode: the models' vocabularies differ ({[s.shape[-1] for s in step]})")
         scores = step[0] if len(step) == 1 and weights[0] == 1.0 else sum(w * s for w, s in zip(weights, step))
@@ -182,9 +175,6 @@ def decode(
         done = done | torch.isin(token, stop)
         if bool(done.all()):
             break
-        ids = token.unsqueeze(-1)
-        positions = next_position.unsqueeze(-1)
-        next_position = next_position + 1
 
     table = torch.stack(generated, dim=1).tolist() if generated else [[] for _ in range(rows)]
     tokens, stopped = [], []
@@ -193,3 +183,62 @@ def decode(
         tokens.append(row if end is None else row[: end + 1])
         stopped.append(end is not None)
     return Decoded(tokens=tokens, stopped=stopped, logp=logp.cpu(), logq=logq.cpu())
+
+
+def _stepper(model, keep: torch.Tensor, positions: torch.Tensor, lean: bool):
+    runner = LeanForward.of(model) if lean else None
+    return _LeanSteps(runner, keep, positions) if runner is not None else _TransformersSteps(model, keep, positions)
+
+
+class _TransformersSteps:
+    """One model's logits through its own forward and a transformers DynamicCache.
+
+    ``keep`` (rows, prompt width + new tokens) bool marks real tokens; ``positions`` (rows, prompt width)
+    are the prompt tokens' positions."""
+
+    def __init__(self, model, keep: torch.Tensor, positions: torch.Tensor):
+        self.model, self.keep, self.positions, self.width = model, keep, positions, positions.shape[1]
+        self.cache = DynamicCache(config=model.config)
+        self.cache_name = cache_kwarg(model)
+        self.dtype = next(model.parameters()).dtype if takes_ready_mask(model) else None
+        self.step_mask = None if self.dtype is None else additive(keep, self.dtype)
+
+    def prompts(self, ids, distinct, share) -> torch.Tensor:
+        """Logits (rows, vocab) after the prompts: ``ids`` are the distinct prompts (rows ``distinct``),
+        row r's is ``share[r]``."""
+        seen = self.keep[distinct, : self.width]
+        mask = seen.long() if self.dtype is None else ready_mask(seen, self.width, self.dtype)
+        logits = self._forward(ids, mask, self.positions[distinct])
+        self.cache.reorder_cache(share)
+        return logits[share]
+
+    def token(self, ids, t: int) -> torch.Tensor:
+        """Logits (rows, vocab) after new token t − 1 of every row (``ids`` (rows, 1))."""
+        seen = self.width + t
+        mask = self.keep[:, :seen].long() if self.dtype is None else self.step_mask[:, None, None, :seen]
+        return self._forward(ids, mask, self.positions[:, -1:] + t)
+
+    def _forward(self, ids, mask, positions):
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **{self.cache_name: self.cache})
+        return out.logits[:, -1]
+
+
+class _LeanSteps:
+    """The same logits through solvers/lean_forward.py, with a KV cache preallocated for every new token."""
+
+    def __init__(self, runner: LeanForward, keep: torch.Tensor, positions: torch.Tensor):
+        self.runner, self.keep, self.width = runner, keep, positions.shape[1]
+        new = positions[:, -1:] + 1 + torch.arange(keep.shape[1] - self.width, device=positions.device)
+        self.cos, self.sin = runner.rope(torch.cat([positions, new], dim=-1))
+        self.cache = runner.new_cache(keep.shape[0], keep.shape[1])
+        self.step_mask = additive(keep, runner.dtype)
+
+    def prompts(self, ids, distinct, share) -> torch.Tensor:
+        mask = ready_mask(self.keep[distinct, : self.width], self.width, self.runner.dtype)
+        rope = (self.cos[distinct, : self.width], self.sin[distinct, : self.width])
+        return self.runner.forward(ids, rope, mask, cache=self.cache, share=share)[share, -1]
+
+    def token(self, ids, t: int) -> torch.Tensor:
+        column = self.width + t - 1
+        rope = (self.cos[:, column : column + 1], self.sin[:, column : column + 1])
+        return self.runner.forward(ids, rope, self.step_mask[:, None, None, : column + 1], cache=self.cache, start=column)[:, -1]
