@@ -159,11 +159,8 @@ def decode(
     distinct, share = (torch.tensor(x, device=device) for x in distinct_rows(prompt_ids))
     for t in range(max_new_tokens):
         # Each model sees only the tokens it has not seen yet: the prompts at t = 0, then one token per row.
-        if t == 0:
-            step = [s.prompts(ids[distinct], distinct, share) for s in steppers]
-        else:
-            step = [s.token(token.unsqueeze(-1), t) for s in steppers]
-        step = [torch.log_softmax(logits.float(), dim=-1) for logits in step]
+        logits = [s.prompts(ids[distinct], distinct, share) if t == 0 else s.token(ids, t) for s in steppers]
+        step = [torch.log_softmax(x.float(), dim=-1) for x in logits]
         if len({s.shape[-1] for s in step}) > 1:
             raise ValueError(f"decode: the models' vocabularies differ ({[s.shape[-1] for s in step]})")
         scores = step[0] if len(step) == 1 and weights[0] == 1.0 else sum(w * s for w, s in zip(weights, step))
@@ -175,6 +172,7 @@ def decode(
         done = done | torch.isin(token, stop)
         if bool(done.all()):
             break
+        ids = token.unsqueeze(-1)
 
     table = torch.stack(generated, dim=1).tolist() if generated else [[] for _ in range(rows)]
     tokens, stopped = [], []

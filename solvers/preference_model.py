@@ -21,10 +21,11 @@ for all k² ordered pairs (``predict`` encodes each distinct (prompt, response) 
 cross-encoder would see finer contrasts at k² passes; this design chooses the cheap oracle.
 
 Training (``train``) is the policy trainer's machinery (solvers/trainer.py, solvers/checkpoint.py):
-the same batch plan (shuffled, length-bucketed), micro-batches and gradient accumulation, AdamW with
-warm-up and decay (``trainer.make_optimizer``), clipping, bf16 autocast on CUDA, DDP under torchrun
-(``trainer.init_distributed``), periodic atomic step checkpoints that a killed run resumes from, and a
-refusal, naming the examples, of a step whose loss is not finite. The loss is the vote-weighted binary
+the same settings (``trainer.StepConfig``), batch plan (shuffled, length-bucketed), micro-batches and
+gradient accumulation, AdamW with warm-up and decay, bf16 autocast on CUDA, DDP under torchrun
+(``trainer.init_distributed``), step loop with periodic atomic checkpoints that a killed run resumes
+from (``trainer.run_steps``), and clipping with a refusal, naming the examples, of a step whose loss is
+not finite (``trainer.checked_step``). Only the step itself is this module's. The loss is the vote-weighted binary
 cross-entropy against soft labels p̂ = P̂(a ≻ b):
 
     L = Σ_i w_i · −[p̂_i log σ(l_i) + (1 − p̂_i) log σ(−l_i)] / Σ_i w_i     (w_i = votes, over the global batch)
@@ -103,46 +104,24 @@ class PreferenceModelConfig:
 
 
 @dataclass(frozen=True)
-class PreferenceTrainConfig:
-    """How a preference model trains. The optimizer fields mean what they mean in ``trainer.TrainerConfig``."""
+class PreferenceTrainConfig(trainer.StepConfig):
+    """How a preference model trains: the fields of ``trainer.StepConfig`` (AdamW, schedule, batches,
+    device, checkpoints, seed: batch order, held-out split, dropout, head initialization), with defaults
+    for a preference model, and the held-out evaluation."""
 
-    lr: float = 1e-4  # AdamW's peak learning rate (a tiny random backbone wants ~1e-3)
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    warmup_steps: int = 0  # linear warm-up over this many steps
-    schedule: str = "linear"  # after warm-up: "constant", "linear" or "cosine" decay to min_lr_ratio·lr
-    min_lr_ratio: float = 0.0
-    max_grad_norm: float | None = 1.0  # clip the global gradient norm (None: no clipping)
+    lr: float = 1e-4  # a tiny random backbone wants ~1e-3
     micro_batch_size: int = 16  # pairs per forward pass per process (2 sequences each)
-    grad_accum: int = 1  # micro-batches per optimizer step per process
-    epochs: int = 1  # passes over the training pairs
-    max_steps: int | None = None  # optimizer steps (None: epochs × ⌈pairs / global batch⌉)
-    bucket_window: int = 8  # sort by length within windows of this many global batches (0: no sorting)
     eval_share: float = 0.2  # share of prompts held out for evaluation (by a hash of the prompt id: stable across rounds)
     eval_batch_size: int = 64  # sequences per forward pass when predicting
-    device: str = "auto"  # "auto": CUDA (this process's GPU) when present, else CPU
-    precision: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU; or "bf16" / "fp32"
-    checkpoint_every: int = 0  # with a checkpoint_dir: a step checkpoint every this many steps (0: only at the end)
-    keep_checkpoints: int = 1  # step checkpoints kept
-    seed: int = 0  # batch order, held-out split, dropout, head initialization
+
+    OPERATIONAL = (*trainer.StepConfig.OPERATIONAL, "eval_share", "eval_batch_size")
 
     def __post_init__(self):
-        if self.schedule not in ("constant", "linear", "cosine"):
-            raise ValueError(f"schedule must be 'constant', 'linear' or 'cosine', got {self.schedule!r}")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
-        if min(self.micro_batch_size, self.grad_accum, self.epochs, self.keep_checkpoints, self.eval_batch_size) < 1:
-            raise ValueError("micro_batch_size, grad_accum, epochs, keep_checkpoints and eval_batch_size must be ≥ 1")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps must be ≥ 1 or None, got {self.max_steps}")
-        if not self.lr > 0 or self.warmup_steps < 0 or self.checkpoint_every < 0 or self.bucket_window < 0:
-            raise ValueError("lr must be > 0; warmup_steps, checkpoint_every and bucket_window ≥ 0")
+        super().__post_init__()
+        if self.eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be ≥ 1, got {self.eval_batch_size}")
         if not 0.0 <= self.eval_share < 1.0:
             raise ValueError(f"eval_share must be in [0, 1), got {self.eval_share}")
-
-    def global_batch(self, world_size: int = 1) -> int:
-        return self.micro_batch_size * self.grad_accum * world_size
 
 
 @dataclass(frozen=True)
@@ -483,6 +462,7 @@ class _Run:
     seqs: list[tuple[tuple[list[int], int], tuple[list[int], int]]]  # per example: (a's, b's) (ids, pool start)
     p: torch.Tensor  # (N,) soft labels, float32 on the device
     w: torch.Tensor  # (N,) votes
+    votes: list[float]  # the same votes on the host: a batch's total without waiting for the device
     ids: list[str]
     plan: list[list[int]]
     device: torch.device
@@ -513,26 +493,17 @@ def train(
     """
     check_examples(examples)
     run = _start(model, examples, config, optimizer_state)
-    last = _resume(run, checkpoint_dir) if checkpoint_dir is not None else None
     was_training = model.training
     model.train()
-    started, pairs = time.perf_counter(), 0
+    started = time.perf_counter()
     try:
-        while run.step < len(run.plan):
-            metrics = _train_step(run, run.plan[run.step])
-            pairs += len(run.plan[run.step - 1])
-            done = run.step == len(run.plan)
-            if checkpoint_dir is not None and (done or (config.checkpoint_every and run.step % config.checkpoint_every == 0)):
-                last = _save_step(run, checkpoint_dir)
-            if on_step is not None:
-                on_step(run.step, metrics)
-    except trainer.NonFiniteLossError as e:
-        raise trainer.NonFiniteLossError(f"{e} Last complete checkpoint: {last or 'none written'}.", step=e.step, example_ids=e.example_ids, indices=e.indices, checkpoint=last) from None
+        last, ran = trainer.run_steps(run, _train_step, model.tokenizer, checkpoint_dir=checkpoint_dir, on_step=on_step, load=_load_weights)
     finally:
         model.train(was_training)
         run.optimizer.zero_grad(set_to_none=True)
     model.fingerprint = None  # the weights changed: no longer those of any saved checkpoint
     seconds = time.perf_counter() - started
+    pairs = sum(len(batch) for batch in run.plan[run.step - len(ran) : run.step])
     losses = [h["loss/bce"] for h in run.history]
     summary = {
         "loss/bce": losses[-1] if losses else math.nan,
@@ -545,9 +516,7 @@ def train(
 
 
 def _start(model: PreferenceModel, examples: Sequence[PairExample], config: PreferenceTrainConfig, optimizer_state: dict | None) -> _Run:
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    device = _device(config.device)
-    autocast = torch.bfloat16 if config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda") else None
+    rank, world, device, autocast = trainer.placement(config)
     module = model.to(device)
     a = module.encode([e.prompt for e in examples], [e.a for e in examples])
     b = module.encode([e.prompt for e in examples], [e.b for e in examples])
@@ -557,16 +526,11 @@ def _start(model: PreferenceModel, examples: Sequence[PairExample], config: Pref
     if world > 1:  # unused parameters: some backbones carry layers the head never reads (BERT's pooler)
         net = torch.nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False, find_unused_parameters=True)
     optimizer, scheduler = trainer.make_optimizer(module.parameters(), config, len(plan), device=device, optimizer_state=optimizer_state)
-    operational = ("device", "checkpoint_every", "keep_checkpoints", "micro_batch_size", "grad_accum", "eval_share", "eval_batch_size")
-    fingerprint = stable_hash(
-        {k: v for k, v in asdict(config).items() if k not in operational},
-        asdict(module.config),
-        config.global_batch(world),
-        *((e.id, e.prompt, e.a, e.b, e.p_a, e.weight) for e in examples),
-    )
+    fingerprint = config.fingerprint(world, asdict(module.config), *((e.id, e.prompt, e.a, e.b, e.p_a, e.weight) for e in examples))
+    votes = [e.weight for e in examples]
     p = torch.tensor([e.p_a for e in examples], dtype=torch.float32, device=device)
-    w = torch.tensor([e.weight for e in examples], dtype=torch.float32, device=device)
-    return _Run(config, module, net, optimizer, scheduler, list(zip(a, b)), p, w, [e.id for e in examples], plan, device, autocast, rank, world, fingerprint=fingerprint)
+    w = torch.tensor(votes, dtype=torch.float32, device=device)
+    return _Run(config, module, net, optimizer, scheduler, list(zip(a, b)), p, w, votes, [e.id for e in examples], plan, device, autocast, rank, world, fingerprint=fingerprint)
 
 
 def _train_step(run: _Run, batch: list[int]) -> dict[str, float]:
@@ -574,7 +538,7 @@ def _train_step(run: _Run, batch: list[int]) -> dict[str, float]:
     cfg = run.config
     trainer.seed_dropout(cfg.seed * 1_000_003 + run.step)  # dropout, if any: replayed identically on resume
     started = time.perf_counter()
-    total_w = float(run.w[torch.tensor(batch, device=run.device)].sum())  # every process knows the global batch
+    total_w = math.fsum(run.votes[i] for i in batch)  # every process knows the global batch
     sums = torch.zeros(2, dtype=torch.float64, device=run.device)  # Σ w·loss, Σ w·(right side)
     bad = torch.zeros(len(batch), device=run.device)
     slots = trainer.micro_batches(batch, cfg.micro_batch_size, cfg.grad_accum, run.world)[run.rank :: run.world]
@@ -597,39 +561,19 @@ def _train_step(run: _Run, batch: list[int]) -> dict[str, float]:
     if run.world > 1:
         for t in (sums, bad):
             dist.all_reduce(t)
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.module.parameters(), cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf)
-    loss_value, right_value = (sums / total_w).tolist()
-    if bad.sum() > 0 or not math.isfinite(loss_value) or not math.isfinite(float(grad_norm)):
-        run.optimizer.zero_grad(set_to_none=True)
-        where = [i for i, x in enumerate(bad.tolist()) if x > 0] or list(range(len(batch)))
-        indices = [batch[i] for i in where]
-        ids = [run.ids[i] or f"#{i}" for i in indices]
-        raise trainer.NonFiniteLossError(
-            f"preference model: the loss (or gradient) is not finite at step {run.step + 1} of {len(run.plan)}: examples {', '.join(ids[:20])}. "
-            f"The step was not applied; the model holds step {run.step}'s weights.",
-            step=run.step + 1, example_ids=ids, indices=indices, checkpoint=None,
-        )  # fmt: skip
-    lr = trainer.apply_step(run)
+    (loss_value, right_value), grad_norm, lr = trainer.checked_step(run, sums / total_w, ["loss/bce", "pref/train_accuracy"], bad, batch, run.ids, "preference model")
     seconds = time.perf_counter() - started
     metrics = {
         "loss/bce": loss_value,
         "pref/train_accuracy": right_value,
         "optim/lr": lr,
-        "optim/grad_norm": float(grad_norm),
+        "optim/grad_norm": grad_norm,
         "perf/step_s": seconds,
         "perf/pairs_per_s": len(batch) / seconds,
         "step": float(run.step),
     }
     run.history.append(metrics)
     return metrics
-
-
-def _save_step(run: _Run, directory: str | os.PathLike) -> Path:
-    return ckpt.save_step(directory, run, run.module.tokenizer)
-
-
-def _resume(run: _Run, directory: str | os.PathLike) -> Path | None:
-    return ckpt.resume_step(directory, run, load=_load_weights)
 
 
 def evaluate(model: PreferenceModel, examples: Sequence[PairExample], *, batch_size: int = 64) -> dict:

@@ -51,13 +51,12 @@ ONE_RESPONSE = ("sppo", "nash_md")
 
 
 @dataclass(frozen=True)
-class TrainerConfig:
-    """How one update runs. Derived values (global batch, number of steps) are computed in one place:
+class StepConfig:
+    """What every trainer here shares: AdamW and its schedule, batches, device and precision, step
+    checkpoints, seed. Derived values (global batch, number of steps) are computed in one place:
     :meth:`global_batch` and :func:`plan_batches`."""
 
-    loss: str = "inpo"  # a loss of solvers.losses.LOSSES
-    loss_config: Any = None  # its config, e.g. losses.make_config("inpo", eta=0.01); None: the loss's defaults
-    lr: float = 1e-6  # AdamW's peak learning rate (LLM scale; a tiny random model wants ~1e-3)
+    lr: float = 1e-6  # AdamW's peak learning rate
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW β1, β2
     eps: float = 1e-8  # AdamW ε
     weight_decay: float = 0.0  # AdamW decoupled weight decay
@@ -65,27 +64,21 @@ class TrainerConfig:
     schedule: str = "linear"  # after warm-up: "constant", "linear" or "cosine" decay to min_lr_ratio·lr at the end
     min_lr_ratio: float = 0.0  # the decay's floor, as a fraction of lr
     max_grad_norm: float | None = 1.0  # clip the global gradient norm to this (None: no clipping; the norm is still reported)
-    micro_batch_size: int = 4  # pairs per forward pass per process (2 sequences each; 1 for SPPO and Nash-MD)
+    micro_batch_size: int = 4  # pairs per forward pass per process
     grad_accum: int = 1  # micro-batches per optimizer step per process
     epochs: int = 1  # passes over the examples (reshuffled each epoch)
     max_steps: int | None = None  # optimizer steps (None: epochs × ⌈examples / global batch⌉); more than one epoch's worth cycles on
-    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
     bucket_window: int = 8  # sort examples by length within windows of this many global batches (0: no sorting); less padding, slightly less random batches
     device: str = "auto"  # "auto": CUDA (the local rank's GPU) when present, else CPU; or an explicit device
     precision: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU; "bf16" (autocast) or "fp32". Parameters keep their dtype (load them in float32 for fp32 master weights)
-    compile: bool = False  # torch.compile the policy's forward (CUDA; first steps slower)
     checkpoint_every: int = 0  # with a checkpoint_dir: write a checkpoint every this many steps (0: only at the end)
     keep_checkpoints: int = 1  # complete step checkpoints kept in checkpoint_dir (older ones are deleted after a newer one is complete)
     seed: int = 0  # order of examples, and torch's RNG per step (dropout)
 
+    # how a run is carried out, not what it computes: left out of the fingerprint that resuming checks
+    OPERATIONAL = ("device", "checkpoint_every", "keep_checkpoints", "micro_batch_size", "grad_accum")
+
     def __post_init__(self):
-        spec = losses.LOSSES.get(self.loss)
-        if spec is None:
-            raise ValueError(f"unknown loss {self.loss!r}; choose one of {sorted(losses.LOSSES)}")
-        if self.loss_config is not None and not isinstance(self.loss_config, spec.config):
-            raise TypeError(f"loss_config for {self.loss} must be a {spec.config.__name__}, got {type(self.loss_config).__name__}")
-        if self.loss == "nash_md" and self.loss_cfg.kl == "token":
-            raise ValueError("nash_md with kl='token' needs per-token reference log-probs; the log-prob cache keeps sequence sums: use kl='sequence'")
         if self.schedule not in ("constant", "linear", "cosine"):
             raise ValueError(f"schedule must be 'constant', 'linear' or 'cosine', got {self.schedule!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
@@ -97,14 +90,43 @@ class TrainerConfig:
         if not self.lr > 0 or self.warmup_steps < 0 or self.checkpoint_every < 0 or self.bucket_window < 0:
             raise ValueError("lr must be > 0; warmup_steps, checkpoint_every and bucket_window ≥ 0")
 
+    def global_batch(self, world_size: int = 1) -> int:
+        """Pairs per optimizer step, over all processes."""
+        return self.micro_batch_size * self.grad_accum * world_size
+
+    def fingerprint(self, world_size: int, *data) -> str:
+        """Identifies a run (this config's non-operational fields, the global batch and ``data``) for resuming."""
+        settings = sorted((k, v) for k, v in asdict(self).items() if k not in self.OPERATIONAL)
+        return stable_hash(settings, self.global_batch(world_size), *data)
+
+
+@dataclass(frozen=True)
+class TrainerConfig(StepConfig):
+    """How one policy update runs: the loss, and the fields of :class:`StepConfig`. A pair in
+    ``micro_batch_size`` is 2 sequences (1 for SPPO and Nash-MD); ``lr``'s default is at LLM scale (a tiny
+    random model wants ~1e-3)."""
+
+    loss: str = "inpo"  # a loss of solvers.losses.LOSSES
+    loss_config: Any = None  # its config, e.g. losses.make_config("inpo", eta=0.01); None: the loss's defaults
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
+    compile: bool = False  # torch.compile the policy's forward (CUDA; first steps slower)
+
+    OPERATIONAL = (*StepConfig.OPERATIONAL, "compile")
+
+    def __post_init__(self):
+        super().__post_init__()
+        spec = losses.LOSSES.get(self.loss)
+        if spec is None:
+            raise ValueError(f"unknown loss {self.loss!r}; choose one of {sorted(losses.LOSSES)}")
+        if self.loss_config is not None and not isinstance(self.loss_config, spec.config):
+            raise TypeError(f"loss_config for {self.loss} must be a {spec.config.__name__}, got {type(self.loss_config).__name__}")
+        if self.loss == "nash_md" and self.loss_cfg.kl == "token":
+            raise ValueError("nash_md with kl='token' needs per-token reference log-probs; the log-prob cache keeps sequence sums: use kl='sequence'")
+
     @property
     def loss_cfg(self):
         """The loss's config (its defaults when ``loss_config`` is None)."""
         return self.loss_config if self.loss_config is not None else losses.make_config(self.loss)
-
-    def global_batch(self, world_size: int = 1) -> int:
-        """Pairs per optimizer step, over all processes."""
-        return self.micro_batch_size * self.grad_accum * world_size
 
 
 @dataclass(frozen=True)
@@ -172,23 +194,12 @@ def update(
     With torch.distributed initialized, every process calls this with the same arguments.
     """
     state = start_update(policy, examples, config, optimizer_state=optimizer_state)
-    last = None
-    if checkpoint_dir is not None:
-        last = resume(state, checkpoint_dir)
-    started, tokens = time.perf_counter(), 0.0
+    started = time.perf_counter()
     try:
-        while state.step < len(state.plan):
-            metrics = train_step(state, state.plan[state.step])
-            tokens += metrics["perf/tokens_per_s"] * metrics["perf/step_s"]
-            done = state.step == len(state.plan)
-            if checkpoint_dir is not None and (done or (config.checkpoint_every and state.step % config.checkpoint_every == 0)):
-                last = save_step_checkpoint(state, checkpoint_dir)
-            if on_step is not None:
-                on_step(state.step, metrics)
-    except NonFiniteLossError as e:  # say which checkpoint is the last good one
-        raise NonFiniteLossError(f"{e} Last complete checkpoint: {last or 'none written'}.", step=e.step, example_ids=e.example_ids, indices=e.indices, checkpoint=last) from None
+        last, ran = run_steps(state, train_step, state.policy.tokenizer, checkpoint_dir=checkpoint_dir, on_step=on_step)
     finally:
         finish_update(state)
+    tokens = sum(h["perf/tokens_per_s"] * h["perf/step_s"] for h in ran)
     seconds = time.perf_counter() - started
     summary = _means(state.history)
     summary.update({"perf/seconds": seconds, "perf/steps": float(len(state.plan)), "perf/tokens_per_s": tokens / seconds if seconds > 0 else 0.0})
@@ -222,9 +233,7 @@ def start_update(policy: CausalLMPolicy | tuple, examples: Sequence[Example], co
     torch.distributed is initialized) and build AdamW and its schedule."""
     if isinstance(policy, tuple):
         policy = CausalLMPolicy(*policy)
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    device = _device(config.device)
-    autocast = torch.bfloat16 if config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda") else None
+    rank, world, device, autocast = placement(config)
     data = encode_examples(policy, examples, config)
     plan = plan_batches(data.lengths, config.global_batch(world), epochs=config.epochs, max_steps=config.max_steps, seed=config.seed, bucket_window=config.bucket_window)
 
@@ -243,11 +252,7 @@ def start_update(policy: CausalLMPolicy | tuple, examples: Sequence[Example], co
         model = torch.compile(model)
 
     optimizer, scheduler = make_optimizer(module.parameters(), config, len(plan), device=device, optimizer_state=optimizer_state)
-    fingerprint = stable_hash(  # the plan depends on the global batch, not on how it is split
-        {k: v for k, v in asdict(config).items() if k not in ("device", "checkpoint_every", "keep_checkpoints", "compile", "micro_batch_size", "grad_accum")},
-        config.global_batch(world),
-        *((e.id, e.prompt, e.y, e.y_other, e.p_hat, e.p_hat_other, e.ref_logp, e.prev_logp, e.older_logp, e.finished, e.tokens) for e in examples),
-    )
+    fingerprint = config.fingerprint(world, *((e.id, e.prompt, e.y, e.y_other, e.p_hat, e.p_hat_other, e.ref_logp, e.prev_logp, e.older_logp, e.finished, e.tokens) for e in examples))
     return UpdateState(config, policy, module, model, optimizer, scheduler, data, plan, device, autocast, rank, world, fingerprint=fingerprint, was_training=was_training)
 
 
@@ -287,19 +292,14 @@ def train_step(state: UpdateState, batch: list[int]) -> dict[str, float]:
     if state.world > 1:
         for t in (sums, bad, tokens):
             dist.all_reduce(t)
-    grad_norm = torch.nn.utils.clip_grad_norm_(state.module.parameters(), cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf)
-    values = torch.cat([sums / n, grad_norm.reshape(1).double(), bad.sum().reshape(1).double()]).tolist()
-    if not all(math.isfinite(v) for v in values[:-1]) or values[-1] > 0:
-        state.optimizer.zero_grad(set_to_none=True)
-        raise _non_finite(state, batch, bad, [k for k, v in zip([*data.metric_names, "optim/grad_norm"], values) if not math.isfinite(v)])
-    lr = apply_step(state)
+    values, grad_norm, lr = checked_step(state, sums / n, data.metric_names, bad, batch, data.ids, cfg.loss)
     # metrics
     seconds = time.perf_counter() - started
     real_tokens, positions = tokens.tolist()
     metrics = dict(zip(data.metric_names, values))
     metrics.update({
         "optim/lr": lr,
-        "optim/grad_norm": values[-2],
+        "optim/grad_norm": grad_norm,
         "perf/step_s": seconds,
         "perf/tokens_per_s": real_tokens / seconds,
         "perf/padding": 1 - real_tokens / positions,
@@ -309,15 +309,25 @@ def train_step(state: UpdateState, batch: list[int]) -> dict[str, float]:
     return metrics
 
 
-def apply_step(run) -> float:
-    """AdamW's step and the schedule's on gradients already reduced, clipped and checked, then
-    ``run.step`` + 1; returns the learning rate the step used. ``run``: optimizer, scheduler, step."""
+def checked_step(run, means: torch.Tensor, names: list[str], bad: torch.Tensor, batch: list[int], ids: list[str], what: str) -> tuple[list[float], float, float]:
+    """Clip the gradients (already reduced over processes), then wait for the device once to read the
+    metrics' ``means`` (named ``names``), the gradient norm and ``bad`` (1 per example of ``batch`` whose
+    loss is not finite). A step with anything not finite is not applied: NonFiniteLossError names its
+    examples (``ids``, per example index; ``what`` says whose loss). Otherwise AdamW's and the schedule's
+    step, and ``run.step`` + 1. Returns (means, gradient norm, the learning rate the step used).
+    ``run``: module, optimizer, scheduler, config, step, plan."""
+    max_norm = run.config.max_grad_norm if run.config.max_grad_norm is not None else math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.module.parameters(), max_norm)
+    *values, norm, n_bad = torch.cat([means.double(), grad_norm.reshape(1).double(), bad.sum().reshape(1).double()]).tolist()
+    if n_bad > 0 or not all(math.isfinite(v) for v in [*values, norm]):
+        run.optimizer.zero_grad(set_to_none=True)
+        raise _non_finite(run, batch, bad, ids, what, [k for k, v in zip([*names, "optim/grad_norm"], [*values, norm]) if not math.isfinite(v)])
     lr = run.scheduler.get_last_lr()[0]
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
-    return lr
+    return values, norm, lr
 
 
 def seed_dropout(seed: int) -> None:
@@ -337,19 +347,33 @@ def finish_update(state: UpdateState) -> None:
     state.optimizer.zero_grad(set_to_none=True)
 
 
-# ----- checkpoints within an update --------------------------------------------------------------------
+def run_steps(run, step: Callable, tokenizer, *, checkpoint_dir: str | os.PathLike | None = None, on_step: Callable | None = None, load: Callable | None = None) -> tuple[Path | None, list[dict[str, float]]]:
+    """The loop of a training run: resume from ``checkpoint_dir`` when it holds a checkpoint of this run
+    (``load`` reads its weights; see ``checkpoint.resume_step``), then ``step(run, batch)`` for each
+    remaining batch of ``run.plan``, with a checkpoint every ``run.config.checkpoint_every`` steps and
+    after the last, and ``on_step(step, metrics)`` after each. A step whose loss is not finite is
+    raised again naming the last complete checkpoint. Returns (that checkpoint or None, the metrics of
+    the steps this call ran). ``run``: what ``checked_step`` and ``checkpoint.save_step`` need."""
+    last = ckpt.resume_step(checkpoint_dir, run, load=load) if checkpoint_dir is not None else None
+    first, every = len(run.history), run.config.checkpoint_every
+    try:
+        while run.step < len(run.plan):
+            metrics = step(run, run.plan[run.step])
+            if checkpoint_dir is not None and (run.step == len(run.plan) or (every and run.step % every == 0)):
+                last = ckpt.save_step(checkpoint_dir, run, tokenizer)
+            if on_step is not None:
+                on_step(run.step, metrics)
+    except NonFiniteLossError as e:  # say which checkpoint is the last good one
+        raise NonFiniteLossError(f"{e} Last complete checkpoint: {last or 'none written'}.", step=e.step, example_ids=e.example_ids, indices=e.indices, checkpoint=last) from None
+    return last, run.history[first:]
 
 
-def save_step_checkpoint(state: UpdateState, directory: str | os.PathLike) -> Path:
-    """Write the checkpoint after ``state.step`` steps (rank 0; the others wait) and prune old ones."""
-    return ckpt.save_step(directory, state, state.policy.tokenizer)
-
-
-def resume(state: UpdateState, directory: str | os.PathLike) -> Path | None:
-    """Load the latest complete checkpoint of this update from ``directory`` into ``state`` (weights,
-    AdamW, schedule, step, metrics so far). Returns its path, or None when there is none. Refuses a
-    directory holding another update's checkpoints rather than mixing them."""
-    return ckpt.resume_step(directory, state)
+def placement(config: StepConfig) -> tuple[int, int, torch.device, torch.dtype | None]:
+    """(rank, world size, device, autocast dtype or None) of this process under ``config``."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    device = _device(config.device)
+    autocast = torch.bfloat16 if config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda") else None
+    return rank, world, device, autocast
 
 
 # ----- examples → token ids and cached tensors --------------------------------------------------------
@@ -573,17 +597,17 @@ def _device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _non_finite(state: UpdateState, batch: list[int], bad: torch.Tensor, names: list[str]) -> NonFiniteLossError:
+def _non_finite(run, batch: list[int], bad: torch.Tensor, ids: list[str], what: str, names: list[str]) -> NonFiniteLossError:
     positions = [i for i, b in enumerate(bad.tolist()) if b > 0] or list(range(len(batch)))
     indices = [batch[p] for p in positions]
-    ids = [state.data.ids[i] or f"#{i}" for i in indices]
-    what = "the loss of these examples" if bad.sum() > 0 else f"{', '.join(names)} of this batch (its losses were finite)"
-    shown = ", ".join(ids[:20]) + (f" and {len(ids) - 20} more" if len(ids) > 20 else "")
+    named = [ids[i] or f"#{i}" for i in indices]
+    cause = "the loss of these examples" if bad.sum() > 0 else f"{', '.join(names)} of this batch (its losses were finite)"
+    shown = ", ".join(named[:20]) + (f" and {len(named) - 20} more" if len(named) > 20 else "")
     message = (
-        f"{state.config.loss}: {what} is not finite at step {state.step + 1} of {len(state.plan)}: examples {shown} "
-        f"(indices {indices[:20]}). The update stopped before applying that step; the model holds step {state.step}'s weights."
+        f"{what}: {cause} is not finite at step {run.step + 1} of {len(run.plan)}: examples {shown} "
+        f"(indices {indices[:20]}). The update stopped before applying that step; the model holds step {run.step}'s weights."
     )
-    return NonFiniteLossError(message, step=state.step + 1, example_ids=ids, indices=indices, checkpoint=None)
+    return NonFiniteLossError(message, step=run.step + 1, example_ids=named, indices=indices, checkpoint=None)
 
 
 def _means(history: list[dict[str, float]]) -> dict[str, float]:
