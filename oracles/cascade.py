@@ -21,8 +21,8 @@ also cost the judge. Stored under the cascade's own ``oracle_id``, whose config 
 oracle ids and rules, so a new model version or threshold gives a new id.
 
 Skipped judgments (not stored, asked again later) are of two kinds:
-- the pair reached a stage whose per-round budget is spent (``error`` "not judged: … budget …"), or a
-  stage skipped it itself (its own budget, a failed request);
+- the pair reached a stage whose per-round budget is spent (``error`` "not judged: … budget …") and
+  whose ``over_budget`` is "stop", or a stage skipped it itself (its own budget, a failed request);
 - the pair went to people (a queued oracle, which must be last): it is submitted and the judgment is
   marked ``detail["pending"]`` = their oracle_id. People's answers come back later through that
   oracle's ``collect`` and are stored under its own id (the annotation-collection flow). A pipeline
@@ -32,7 +32,9 @@ Budgets (``Budget``) are per round and per stage, in pairs and/or USD. A USD bud
 ``usd_per_pair``, the most one pair can cost at that stage: pairs are admitted only while the spent
 plus that worst case fits, and the true cost (from the judgments) is what is then counted, so a stage
 never spends more than its budget as long as the worst case holds. Queued stages are counted at
-``usd_per_pair`` on submission (people are paid when they answer).
+``usd_per_pair`` on submission (people are paid when they answer). A stage with ``over_budget="pass_on"``
+passes the pairs past its budget on to the next stage instead (when people follow a judge, they take
+the judge's overflow); its route step says so (``over_budget``, ``passed_on``).
 """
 
 from __future__ import annotations
@@ -40,9 +42,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from oracles.protocol import Judgment, Pair, make_oracle_id
+from oracles.protocol import NOT_JUDGED, Judgment, Pair, make_oracle_id, orders_agree
 
-NOT_JUDGED = "not judged: "
+OVER_BUDGET = ("stop", "pass_on")
 
 
 @dataclass(frozen=True)
@@ -70,10 +72,8 @@ class OrdersAgree:
     def __call__(self, j: Judgment) -> bool:
         if j.p_a is None:
             return False
-        p = {o.get("order"): o.get("p_first") for o in j.detail.get("orders", [])}
-        if p.get("ab") is None or p.get("ba") is None:
-            return self.single_order_ok
-        return _side(p["ab"]) == _side(1.0 - p["ba"])
+        agree = orders_agree(j.detail)
+        return self.single_order_ok if agree is None else agree
 
 
 @dataclass
@@ -114,12 +114,19 @@ class Budget:
 class Stage:
     """One step of the cascade. ``oracle``: a synchronous ``Oracle`` (``judge``) or, last, a queued one
     (``submit``/``collect``/``pending``). ``accept``: whether its answer is final (None: always).
-    ``budget``: per round (None: unlimited). ``name``: in detail and metrics (default: the oracle's kind)."""
+    ``budget``: per round (None: unlimited). ``name``: in detail and metrics (default: the oracle's kind).
+    ``over_budget``: what becomes of the pairs past the budget: "stop" (skipped, asked again later) or
+    "pass_on" (to the next stage; not for the last)."""
 
     oracle: object
     accept: Callable[[Judgment], bool] | None = None
     budget: Budget | None = None
     name: str = ""
+    over_budget: str = "stop"
+
+    def __post_init__(self):
+        if self.over_budget not in OVER_BUDGET:
+            raise ValueError(f"Stage: over_budget must be one of {OVER_BUDGET}, got {self.over_budget!r}")
 
     @property
     def queued(self) -> bool:
@@ -138,6 +145,8 @@ class Cascade:
                 raise TypeError(f"stage {k}: {type(s.oracle).__name__} is neither an Oracle (judge) nor a QueuedOracle (submit)")
             if s.queued and k != len(stages) - 1:
                 raise ValueError(f"stage {k} ({s.oracle.oracle_id}) is a queued oracle: its answers come later, so it must be the last stage")
+            if s.over_budget == "pass_on" and k == len(stages) - 1:
+                raise ValueError(f"stage {k} ({s.oracle.oracle_id}) passes pairs past its budget on, but it is the last stage")
             s.name = s.name or s.oracle.oracle_id.split(":", 1)[0]
             if s.name in names:
                 raise ValueError(f"two stages are named {s.name!r}; give them distinct names")
@@ -203,7 +212,11 @@ class Cascade:
                     else:
                         passed.append(i)
             for i in todo:  # what the budget did not admit
-                out[i] = self._over_budget(stage, pairs[i], routes[i], spent[i])
+                if stage.over_budget == "pass_on":
+                    routes[i].append(self._over_budget_step(stage, passed_on=True))
+                    passed.append(i)
+                else:
+                    out[i] = self._over_budget(stage, pairs[i], routes[i], spent[i])
             todo = passed
         return out  # type: ignore[return-value]
 
@@ -260,13 +273,19 @@ class Cascade:
         return Judgment(pair, None, n_votes=0, latency_s=spent[1], cost_usd=spent[0], error=error, detail=detail, skipped=True)
 
     def _over_budget(self, stage: Stage, pair: Pair, route: list[dict], spent: list[float]) -> Judgment:
+        return self._skipped(pair, self._budget_spent(stage), route + [self._over_budget_step(stage)], spent)
+
+    def _over_budget_step(self, stage: Stage, *, passed_on: bool = False) -> dict:
+        """The route step of a pair past ``stage``'s budget; a passed-on one says why in its ``error``."""
+        step = {"stage": stage.name, "oracle": stage.oracle.oracle_id, "over_budget": True}
+        if passed_on:
+            step |= {"passed_on": True, "error": f"{self._budget_spent(stage)}; passed on"}
+        return step
+
+    def _budget_spent(self, stage: Stage) -> str:
         b = stage.budget
         what = ", ".join(x for x in (f"{b.pairs} pairs" if b.pairs is not None else "", f"${b.usd:g}" if b.usd is not None else "") if x)
-        return self._skipped(pair, f"{NOT_JUDGED}the {stage.name} budget for round {self.round} ({what}) is spent", route + [{"stage": stage.name, "oracle": stage.oracle.oracle_id, "over_budget": True}], spent)
-
-
-def _side(p: float) -> str:
-    return "a" if p > 0.5 else "b" if p < 0.5 else "tie"
+        return f"{NOT_JUDGED}the {stage.name} budget for round {self.round} ({what}) is spent"
 
 
 def _describe(rule) -> str | None:

@@ -71,13 +71,12 @@ except ImportError:  # pragma: no cover
 
 from oracles.judge_parse import FIRST, SECOND, TIE, logprob_p_first, parse_verdict
 from oracles.judge_template import load_template
-from oracles.protocol import Judgment, Pair, make_oracle_id
+from oracles.protocol import NOT_JUDGED, Judgment, Pair, make_oracle_id, orders_agree
 from oracles.rate_limit import Budget, RateLimiter, backoff_s, retry_after_s
 
 log = logging.getLogger(__name__)
 _HAVE_AIOHTTP = importlib.util.find_spec("aiohttp") is not None
 
-NOT_JUDGED = "not judged: "
 # openai's client-telemetry headers: the server needs none of them, and each costs CPU on every request
 _TELEMETRY_HEADERS = ("X-Stainless-Lang", "X-Stainless-Package-Version", "X-Stainless-OS", "X-Stainless-Arch",
                       "X-Stainless-Runtime", "X-Stainless-Runtime-Version", "X-Stainless-Async")
@@ -576,11 +575,7 @@ def judge_metrics(judgments: list[Judgment]) -> dict:
     answers = [a for j in final for o in j.detail.get("orders", []) for a in o.get("answers", []) if a.get("verdict")]
     slot = [a for a in answers if a["verdict"] != TIE]
     orders = [o for j in final for o in j.detail.get("orders", []) if o.get("p_first") is not None]
-    agree = []
-    for j in final:
-        ps = {o["order"]: o.get("p_first") for o in j.detail.get("orders", [])}
-        if ps.get("ab") is not None and ps.get("ba") is not None:
-            agree.append(_side(ps["ab"]) == _side(1.0 - ps["ba"]))
+    agree = [a for a in (orders_agree(j.detail) for j in final) if a is not None]
     cost = sum(j.cost_usd for j in judgments)
     return {
         "judge/pairs": len(judgments),
@@ -604,10 +599,6 @@ def judge_metrics(judgments: list[Judgment]) -> dict:
 def _mean(xs) -> float:
     xs = list(xs)
     return sum(xs) / len(xs)
-
-
-def _side(p: float) -> str:
-    return "a" if p > 0.5 else "b" if p < 0.5 else "tie"
 
 
 def _share(k: int, n: int) -> float | None:

@@ -12,6 +12,8 @@ from typing import Protocol, runtime_checkable
 
 from data.keys import comparison_id, stable_hash
 
+NOT_JUDGED = "not judged: "  # how a skipped judgment's ``error`` starts, whichever oracle skipped it
+
 
 @dataclass(frozen=True)
 class Pair:
@@ -51,7 +53,7 @@ class Judgment:
             "b_id": p.b_id,
             "oracle_id": oracle_id,
             "p_a": self.p_a,
-            "label": self.label if self.label is not None else _label(self.p_a),
+            "label": self.label if self.label is not None else side(self.p_a),
             "n_votes": self.n_votes if self.p_a is not None else 0,
             "latency_s": self.latency_s,
             "cost_usd": self.cost_usd,
@@ -60,10 +62,22 @@ class Judgment:
         }
 
 
-def _label(p_a: float | None) -> str | None:
+def side(p_a: float | None) -> str | None:
+    """Which side P(a ≻ b) favours: "a", "b" or "tie" (None for an abstention)."""
     if p_a is None:
         return None
     return "a" if p_a > 0.5 else "b" if p_a < 0.5 else "tie"
+
+
+def orders_agree(detail: dict) -> bool | None:
+    """Whether an answer's two orders of presentation favour the same side; None when it lacks either.
+
+    ``detail["orders"]`` as oracles/llm_judge.py records it: ``p_first`` of order "ab" (a shown first)
+    and of "ba" (b shown first, so a's side there is ``1 − p_first``)."""
+    p = {o.get("order"): o.get("p_first") for o in detail.get("orders", [])}
+    if p.get("ab") is None or p.get("ba") is None:
+        return None
+    return side(p["ab"]) == side(1.0 - p["ba"])
 
 
 @runtime_checkable

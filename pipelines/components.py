@@ -117,12 +117,25 @@ def machine_oracle(cfg, world: World):
     if cfg.kind == "text_world":
         return TextWorldOracle(mode=cfg.mode, seed=cfg.seed)
     if cfg.kind == "llm_judge":
-        from oracles.llm_judge import LLMJudge, LLMJudgeConfig
         from pipelines.secrets import resolve
 
-        settings = cfg.model_dump(exclude={"kind", "api_key_secret", "api_key_env"})
-        return LLMJudge(LLMJudgeConfig(**settings, api_key=resolve(cfg.api_key_secret, cfg.api_key_env)))
+        return _llm_judge(cfg, resolve(cfg.api_key_secret, cfg.api_key_env))
     raise ValueError(f"unknown oracle kind {cfg.kind!r}")
+
+
+def machine_oracle_id(cfg, world: World) -> str:
+    """``machine_oracle(cfg, world).oracle_id`` without an LLM judge's API key: the key never changes
+    answers, so the stages that only read judgments (retraining, diagnostics) need no secret."""
+    if cfg.kind == "llm_judge":
+        return _llm_judge(cfg, api_key=None).oracle_id
+    return machine_oracle(cfg, world).oracle_id
+
+
+def _llm_judge(cfg, api_key: str | None):
+    from oracles.llm_judge import LLMJudge, LLMJudgeConfig
+
+    settings = cfg.model_dump(exclude={"kind", "api_key_secret", "api_key_env"})
+    return LLMJudge(LLMJudgeConfig(**settings, api_key=api_key))
 
 
 def campaign_oracle_ids(config: CampaignConfig, world: World) -> set[str]:
@@ -143,7 +156,7 @@ def campaign_oracle_ids(config: CampaignConfig, world: World) -> set[str]:
 
         ids.add(learned_oracle_id(cfg.checkpoint))
     elif cfg is not None:
-        ids.add(build_oracle(config, world).oracle_id)
+        ids.add(machine_oracle_id(cfg, world))
     if config.humans is not None:
         from pipelines.human import people_oracle_id
 

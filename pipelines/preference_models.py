@@ -36,10 +36,10 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from data import Store
-from oracles.cascade import NOT_JUDGED, Budget, Cascade, Confident, OrdersAgree, Stage
+from oracles.cascade import Budget, Cascade, Confident, OrdersAgree, Stage
 from oracles.learned import LearnedOracle
-from oracles.protocol import Judgment, Pair, make_oracle_id
-from pipelines.components import World, campaign_oracle_ids, local_folder, machine_oracle, phases, publish_folder, sampling_policy, version, worth_retrying
+from oracles.protocol import NOT_JUDGED, Judgment, Pair, make_oracle_id
+from pipelines.components import World, campaign_oracle_ids, local_folder, machine_oracle, machine_oracle_id, phases, publish_folder, sampling_policy, version, worth_retrying
 from pipelines.config import CampaignConfig
 
 MODELS = "preference_models"
@@ -178,11 +178,11 @@ def cascade_oracle_id(config: CampaignConfig, world: World, judge=None) -> str:
     from pipelines.human import people_oracle_id
 
     cfg = config.oracle
-    judge = judge if judge is not None else machine_oracle(cfg.judge, world)
+    judge_id = judge.oracle_id if judge is not None else machine_oracle_id(cfg.judge, world)
     rule = judge_accept(cfg)
     stages = [
         {"oracle": f"learned: {MODELS}/ of the store, the version in each judgment's detail", "accept": repr(Confident(cfg.confidence))},
-        {"oracle": judge.oracle_id, "accept": repr(rule) if rule is not None else None},
+        {"oracle": judge_id, "accept": repr(rule) if rule is not None else None},
     ]
     if cfg.people:
         stages.append({"oracle": people_oracle_id(config), "accept": None})
@@ -190,22 +190,6 @@ def cascade_oracle_id(config: CampaignConfig, world: World, judge=None) -> str:
 
 
 # ----- the cascade oracle of a campaign ---------------------------------------------------------------------
-
-
-class _PassOnOverBudget:
-    """The judge's per-round budget when people follow it: a pair past the budget gets an unanswered
-    judgment rather than none, so the cascade passes it on to people instead of stopping there."""
-
-    def __init__(self, oracle, budget: Budget):
-        self.oracle, self.budget, self.oracle_id = oracle, budget, oracle.oracle_id
-
-    def judge(self, pairs: list[Pair]) -> list[Judgment]:
-        room = self.budget.room()
-        n = len(pairs) if room is None else min(room, len(pairs))
-        answers = self.oracle.judge(pairs[:n]) if n else []
-        self.budget.spend(n, sum(j.cost_usd for j in answers))
-        over = f"{NOT_JUDGED}the judge's budget for this round is spent; passed on"
-        return answers + [Judgment(p, None, n_votes=0, error=over, detail={"over_budget": True}) for p in pairs[n:]]
 
 
 @dataclass
@@ -240,6 +224,8 @@ class CampaignCascade:
         self._phases: dict[tuple[int, str], _Round] = {}
         self._last: tuple[int, str] | None = None
         self._people = None
+        self._where: dict[str, tuple[int, str]] = {}  # response_id → (round, sampling policy)
+        self._splits: dict[str, str] = {}  # prompt_id → split
 
     def __repr__(self) -> str:
         return f"CampaignCascade({self.oracle_id!r}, judge={self.judge_oracle.oracle_id!r})"
@@ -293,16 +279,15 @@ class CampaignCascade:
         cfg = self.config.oracle
         learned, model_version = self._model(round)
         n, k = len(phases(self.config)), int(sampled == version(round, "midpoint"))
-        budget = _share(cfg.budget.pairs, cfg.budget.usd, cfg.budget.usd_per_pair, k, n)
-        stages = [Stage(learned, accept=Confident(cfg.confidence), name="learned")]
+        budgets = {"judge": _share(cfg.budget.pairs, cfg.budget.usd, cfg.budget.usd_per_pair, k, n)}
+        over_budget = "pass_on" if cfg.people else "stop"  # people take the judge's overflow
+        stages = [
+            Stage(learned, accept=Confident(cfg.confidence), name="learned"),
+            Stage(self.judge_oracle, accept=judge_accept(cfg), budget=budgets["judge"], name="judge", over_budget=over_budget),
+        ]
         if cfg.people:
-            people_budget = _share(cfg.people_pairs, None, None, k, n)
-            judge = _PassOnOverBudget(self.judge_oracle, budget) if budget is not None else self.judge_oracle
-            stages += [Stage(judge, accept=judge_accept(cfg), name="judge"), Stage(self._people_oracle(), budget=people_budget, name="people")]
-            budgets = {"judge": budget, "people": people_budget}
-        else:
-            stages.append(Stage(self.judge_oracle, budget=budget, name="judge"))
-            budgets = {"judge": budget}
+            budgets["people"] = _share(cfg.people_pairs, None, None, k, n)
+            stages.append(Stage(self._people_oracle(), budget=budgets["people"], name="people"))
         cascade = Cascade(stages, name=self.config.name)
         cascade.start_round(round)
         state = _Round(cascade, model_version, {name: b for name, b in budgets.items() if b is not None})
@@ -333,13 +318,21 @@ class CampaignCascade:
 
     def _locate(self, pairs: list[Pair]) -> list[tuple[int, str] | None]:
         """Per pair: (its round, the policy version of its responses), or None when its prompt is held out."""
-        rows = self.store.read("responses", columns=["response_id", "round", "policy_version"]).set_index("response_id")
-        missing = [p.a_id for p in pairs if p.a_id not in rows.index]
+        if any(p.a_id not in self._where or p.prompt_id not in self._splits for p in pairs):
+            self._read_locations()
+        missing = [p.a_id for p in pairs if p.a_id not in self._where]
         if missing:
             raise ValueError(f"the cascade judges responses of its campaign's store; {missing[0]} (and {len(missing) - 1} more) is not in {self.store}")
-        splits = self.store.read("prompts", columns=["prompt_id", "split"]).set_index("prompt_id")["split"]
-        rounds, versions = rows["round"], rows["policy_version"]
-        return [None if splits.get(p.prompt_id) == "eval" else (int(rounds[p.a_id]), sampling_policy(versions[p.a_id])) for p in pairs]
+        return [None if self._splits.get(p.prompt_id) == "eval" else self._where[p.a_id] for p in pairs]
+
+    def _read_locations(self) -> None:
+        """Every stored response's (round, sampling policy) and every prompt's split. Read again only when
+        a pair names one not seen yet: a stored row is never rewritten (a write skips stored keys), and a
+        response's round and policy version are part of its id, so what is held cannot go stale."""
+        rows = self.store.read("responses", columns=["response_id", "round", "policy_version"])
+        self._where = {rid: (int(r), sampling_policy(v)) for rid, r, v in zip(rows["response_id"], rows["round"], rows["policy_version"])}
+        prompts = self.store.read("prompts", columns=["prompt_id", "split"])
+        self._splits = dict(zip(prompts["prompt_id"], prompts["split"]))
 
     def _people_oracle(self):
         if self._people is None:

@@ -13,7 +13,7 @@ import pytest
 from data.store import Store
 from oracles.cascade import Budget, Cascade, Confident, OrdersAgree, Stage
 from oracles.learned import LearnedOracle
-from oracles.protocol import Judgment, Pair, make_oracle_id
+from oracles.protocol import NOT_JUDGED, Judgment, Pair, make_oracle_id
 from solvers import preference_model as pm
 from test_preference_model import FAST, SMALL, as_examples, backbone_folder, letter_world, store_responses, world_pairs
 
@@ -126,6 +126,34 @@ def test_budgets_per_stage_and_round():
     cascade.start_round(1)
     again = cascade.judge(pairs[18:20])
     assert judge.calls[-1] == pairs[18:20] and not any("budget" in (j.error or "") for j in again)
+
+
+def test_a_stage_can_pass_the_pairs_past_its_budget_on():
+    pairs, learned, judge, people, _ = setup()
+    cascade = Cascade([
+        Stage(learned, accept=Confident(0.3)),
+        Stage(judge, accept=OrdersAgree(), budget=Budget(pairs=8), over_budget="pass_on"),
+        Stage(people),
+    ])  # fmt: skip
+    got = cascade.judge(pairs)
+    assert judge.calls == [pairs[10:18]]
+    # people get the pairs the judge was unsure of, then those past its budget, in order
+    assert [p for p, _ in people.submitted] == [p for p in pairs[10:18] if close_to_half(p)] + pairs[18:]
+    for j in got[18:]:
+        assert j.skipped and j.detail["pending"] == People.oracle_id and j.cost_usd == 0.0
+        assert [r["stage"] for r in j.detail["route"]] == ["learned", "llm_judge", "label_studio"]
+        step = j.detail["route"][1]
+        assert step["over_budget"] and step["passed_on"] and "accepted" not in step
+        assert step["error"] == f"{NOT_JUDGED}the llm_judge budget for round 0 (8 pairs) is spent; passed on"
+    m = cascade.metrics(got)
+    assert m["cascade/cost_usd/llm_judge"] == pytest.approx(8 * 0.002) and m["cascade/budget_left_pairs/llm_judge"] == 0
+    assert m["cascade/share/not_judged"] == 0
+    # the rule changes coverage, not answers: the id stays that of the stopping cascade
+    assert cascade.oracle_id == setup()[4].oracle_id
+    with pytest.raises(ValueError, match="passes pairs past its budget on, but it is the last stage"):
+        Cascade([Stage(learned), Stage(judge, budget=Budget(pairs=1), over_budget="pass_on")])
+    with pytest.raises(ValueError, match="over_budget must be one of"):
+        Stage(judge, over_budget="drop")
 
 
 def test_a_usd_budget_admits_by_worst_case_and_counts_true_costs():
