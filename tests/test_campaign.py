@@ -9,6 +9,7 @@ from data import Store
 from pipelines import flows, stages
 from pipelines.components import World, build_oracle
 from pipelines.config import load_config, parse_config
+from store_contents import parquet_files
 
 pytestmark = pytest.mark.slow
 HERE = os.path.dirname(__file__)
@@ -29,15 +30,6 @@ def _config(tmp_path, **changes):
     return parse_config(raw)
 
 
-def _parquet_files(root):
-    return sorted(
-        (os.path.relpath(os.path.join(d, f), root), os.path.getsize(os.path.join(d, f)))
-        for d, _, files in os.walk(root)
-        for f in files
-        if f.endswith(".parquet")
-    )
-
-
 def test_campaign_learns_and_a_repeated_round_adds_nothing(tmp_path, prefect_harness):
     config = _config(tmp_path)
     flows.alignment_campaign(config)
@@ -50,10 +42,10 @@ def test_campaign_learns_and_a_repeated_round_adds_nothing(tmp_path, prefect_har
     assert gap[-1] < 0.5 * start
     assert np.all(table["pref/judged_now"] > 0)
 
-    before = _parquet_files(config.store)
+    before = parquet_files(config.store)
     flows.alignment_round(config, 3)  # a finished round, run again
     flows.alignment_campaign(config)  # and the whole campaign
-    assert _parquet_files(config.store) == before
+    assert parquet_files(config.store) == before
     assert os.path.exists(os.path.join(config.store, "plots", "metrics.png"))
 
 

@@ -7,6 +7,7 @@ import pytest
 from data import Store
 from pipelines import flows, stages
 from pipelines.config import default_config_path, load_config
+from store_contents import parquet_files
 
 pytestmark = pytest.mark.slow
 
@@ -32,9 +33,9 @@ def test_demo_campaign_beats_the_reference(tmp_path, prefect_harness):
     # the reference scored the training responses it needed exactly once, whatever the round
     assert set(logprobs["policy_version"]) >= {"v0", "v1", "v2"}
 
-    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(config.store) for f in fs if f.endswith(".parquet"))
+    files = parquet_files(config.store)
     flows.alignment_round(config, 3)
-    assert sorted(os.path.join(d, f) for d, _, fs in os.walk(config.store) for f in fs if f.endswith(".parquet")) == files
+    assert parquet_files(config.store) == files
 
 
 def test_sppo_trains_per_response_in_a_campaign(tmp_path, prefect_harness):

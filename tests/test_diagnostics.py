@@ -9,8 +9,9 @@ import pandas as pd
 import pytest
 
 from data.diagnostics import cycle_share, intransitivity, logloss_gap, pair_preferences, prediction_metrics
-from data.keys import prompt_id, response_id
+from data.keys import prompt_id
 from data.store import Store
+from store_contents import seed_responses
 
 
 def rows(prompt: str, judged: list[tuple[str, str, float, int]]) -> list[dict]:
@@ -84,9 +85,7 @@ def test_prediction_metrics_by_hand():
 def test_intransitivity_reads_a_store_and_leaves_out_learned_answers(tmp_path):
     store = Store(tmp_path / "store")
     pid = prompt_id("Write about tea.")
-    store.write("prompts", [{"prompt_id": pid, "prompt": "Write about tea.", "split": "train", "source": "test"}])
-    ids = {t: response_id(pid, "v0", 0, k) for k, t in enumerate("xyz")}
-    store.write("responses", [{"response_id": r, "round": 0, "policy_version": "v0", "prompt_id": pid, "text": t} for t, r in ids.items()])
+    ids = dict(zip("xyz", seed_responses(store, "Write about tea.", list("xyz"), round=0)))
 
     def row(a, b, p, oracle, detail=None):
         return {"comparison_id": f"c-{a}{b}{oracle}", "round": 0, "prompt_id": pid, "a_id": ids[a], "b_id": ids[b], "oracle_id": oracle, "p_a": p, "n_votes": 3, "detail": detail}

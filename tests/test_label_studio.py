@@ -23,6 +23,7 @@ from oracles.label_studio import LabelStudioConfig, LabelStudioError, LabelStudi
 from label_studio_fixtures import unavailable
 from oracles.label_studio_tasks import choice_result, pair_key
 from oracles.protocol import Pair
+from store_contents import seed_responses
 
 pytestmark = pytest.mark.label_studio
 
@@ -58,8 +59,7 @@ def make_pairs(store: Store | None, n: int, *, round: int, tag: str = "") -> lis
     texts = [f"hello {tag} {round}.{i}" for i in range(2 * n)]
     ids = [response_id(pid, "v0", round, i) for i in range(2 * n)]
     if store is not None:
-        store.write("prompts", [dict(prompt_id=pid, prompt=prompt, split="train", source="test")])
-        store.write("responses", [dict(response_id=r, round=round, policy_version="v0", prompt_id=pid, text=t) for r, t in zip(ids, texts)])
+        seed_responses(store, prompt, texts, round=round)
     return [Pair(pid, prompt, ids[2 * i], texts[2 * i], ids[2 * i + 1], texts[2 * i + 1]) for i in range(n)]
 
 

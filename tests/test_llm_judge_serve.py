@@ -9,17 +9,12 @@ recorded abstentions, and the batch must complete.
 from __future__ import annotations
 
 import importlib.util
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 
 import pytest
 
 from oracles.judge_parse import parse_verdict
 from oracles.llm_judge import LLMJudge, LLMJudgeConfig, judge_metrics
+from local_servers import transformers_serve
 from oracles.protocol import Pair
 
 pytestmark = pytest.mark.skipif(
@@ -45,43 +40,12 @@ def build_tiny_model(folder) -> None:
     tok.save_pretrained(folder)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def served_model(tmp_path):
     folder = tmp_path / "tiny-judge"
     build_tiny_model(folder)
-    port = free_port()
-    log = open(tmp_path / "serve.log", "w+")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "transformers.cli.transformers", "serve", str(folder), "--device", "cpu",
-                             "--host", "127.0.0.1", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env)
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log.seek(0)
-                pytest.fail(f"transformers serve did not start (exit {proc.poll()}):\n{log.read()[-3000:]}")
-            time.sleep(0.25)
-        yield f"http://127.0.0.1:{port}/v1", str(folder)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+    with transformers_serve(folder, tmp_path / "serve.log", timeout=90) as base_url:
+        yield base_url, str(folder)
 
 
 def test_arbitrary_output_becomes_abstentions_and_the_batch_completes(served_model, tmp_path):

@@ -3,19 +3,16 @@ are built, topped up, seeded, scored, and how failures read), and against `trans
 the tiny model (which needs the `accelerate` package to start)."""
 
 import importlib.util
-import os
 import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 
 import pytest
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from local_servers import transformers_serve
 from solvers.causal_lm import TINY_CHAT_TEMPLATE, CausalLMConfig, CausalLMPolicy, PromptTooLongError, tiny_policy
 from solvers.openai_sampler import OpenAISampler, OpenAISamplerConfig, SamplerError
 from solvers.policy import Policy
@@ -145,46 +142,19 @@ def test_a_prompt_over_the_context_is_refused_before_any_request():
 # ----- against `transformers serve` -------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(importlib.util.find_spec("accelerate") is None, reason="`transformers serve` 5.x loads models with a device_map, which needs `accelerate`")
 def test_against_transformers_serve(tmp_path):
     policy = tiny_policy(chat_template=TINY_CHAT_TEMPLATE, config=CausalLMConfig(max_new_tokens=12))
     folder = tmp_path / "tiny"
     policy.save(folder)
-    port = free_port()
-    log = open(tmp_path / "serve.log", "w+")
-    command = [sys.executable, "-m", "transformers.cli.transformers", "serve", str(folder), "--device", "cpu", "--host", "127.0.0.1", "--port", str(port)]
-    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
-    try:
-        deadline = time.monotonic() + 45
-        while True:
-            assert server.poll() is None, "transformers serve exited:\n" + open(tmp_path / "serve.log").read()[-3000:]
-            assert time.monotonic() < deadline, "transformers serve not ready after 45 s"
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.25)
+    with transformers_serve(folder, tmp_path / "serve.log", timeout=45, env={"OMP_NUM_THREADS": "1"}) as base_url:
         # It answers one choice per request and seeds the whole process: one request at a time.
-        s = OpenAISampler(policy, OpenAISamplerConfig(base_url=f"http://127.0.0.1:{port}/v1", model=str(folder), choices_per_request=1, max_concurrency=1))
+        s = OpenAISampler(policy, OpenAISamplerConfig(base_url=base_url, model=str(folder), choices_per_request=1, max_concurrency=1))
         samples = s.sample(PROMPTS, 3, seed=2)
         again = s.sample(PROMPTS, 3, seed=2)
         # Greedy on both sides: the server must see the prompt exactly as the local policy renders it.
         local_greedy = CausalLMPolicy(policy.model, policy.tokenizer, CausalLMConfig(max_new_tokens=12, temperature=0.0))
         served_greedy = OpenAISampler(local_greedy, s.config).sample(PROMPTS, 1, seed=0)
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        log.close()
     assert [len(row) for row in samples] == [3, 3]
     assert all(x.finish_reason in ("stop", "length") and x.n_tokens <= 12 + 1 for row in samples for x in row)
     assert again == samples  # the server follows the per-request seeds

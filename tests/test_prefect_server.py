@@ -22,7 +22,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,6 +32,8 @@ import httpx
 import pyarrow.parquet as pq
 import pytest
 import yaml
+
+from local_servers import free_port, log_tail, stop, wait_until_up
 
 pytestmark = [pytest.mark.prefect_server, pytest.mark.slow]
 
@@ -46,28 +47,6 @@ STAGES = ("sample", "pair", "judge", "update")
 
 
 # ----- the server, the worker, the API ------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM to the process group it leads (start_new_session), SIGKILL if it lingers."""
-    if proc.poll() is not None:
-        return
-    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 @dataclass
@@ -176,7 +155,7 @@ def _cli(env: dict, *args: str, timeout: float = 120) -> str:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     home = tmp_path_factory.mktemp("prefect-server")
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = {
         **os.environ,
@@ -201,17 +180,8 @@ def server(tmp_path_factory):
     srv = Server(url, env, home, http)
     try:
         proc = start("server", "server", "start", "--host", "127.0.0.1", "--port", str(port))
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if http.get("/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"the Prefect server did not start on 127.0.0.1:{port}\n{srv.tail_logs()}", pytrace=False)
-            time.sleep(0.5)
-        print(f"prefect server start: healthy after {time.monotonic() - deadline + 90:.1f} s")
+        took = wait_until_up(f"{url}/health", proc, what=f"the Prefect server on 127.0.0.1:{port}", timeout=90, logs=srv.tail_logs)
+        print(f"prefect server start: healthy after {took:.1f} s")
         _cli(env, "work-pool", "create", POOL, "--type", "process")
         _cli(env, "concurrency-limit", "create", "gpu", "1")
         _cli(env, "--no-prompt", "deploy", "--all")  # prefect.yaml, as the README says
@@ -225,7 +195,7 @@ def server(tmp_path_factory):
         except Exception:
             pass
         for proc in reversed(procs):
-            _stop(proc)
+            stop(proc)
         http.close()
 
 
@@ -512,23 +482,16 @@ def s3_endpoint(tmp_path_factory):
         from label_studio_fixtures import unavailable
 
         unavailable("moto[server] is not installed (pip install 'moto[server]'): the object-store test needs a local S3-compatible server")
-    port = _free_port()
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("moto") / "moto.log"
+    log = open(log_path, "w")
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        _wait_for("the S3 server", lambda: _answers(f"http://127.0.0.1:{port}/") or proc.poll() is not None, timeout=60, poll=0.3)
-        assert proc.poll() is None, "moto server exited"
+        wait_until_up(f"http://127.0.0.1:{port}/", proc, what="the S3 server (moto)", timeout=60, logs=lambda: log_tail(log_path), status=None, poll=0.3)
         yield f"127.0.0.1:{port}"
     finally:
-        _stop(proc)
-
-
-def _answers(url: str) -> bool:
-    try:
-        httpx.get(url, timeout=2)
-        return True
-    except httpx.HTTPError:
-        return False
+        stop(proc)
+        log.close()
 
 
 def test_campaign_with_its_store_on_an_object_store(server, s3_endpoint, monkeypatch):

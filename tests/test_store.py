@@ -10,18 +10,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data import Store, StoreError, comparison_id, prompt_id, response_id
+from data import Store, StoreError, comparison_id, prompt_id
 from data.export import export_preferences, preference_pairs
 from data.schemas import RESPONSES
+from store_contents import seed_responses
 
 PID = prompt_id("Which is better?")
 
 
 def _seed(store: Store, n: int = 3, round: int = 1) -> list[str]:
-    store.write("prompts", [dict(prompt_id=PID, prompt="Which is better?", split="train", source="test")])
-    ids = [response_id(PID, "v0", round, i) for i in range(n)]
-    store.write("responses", [dict(response_id=r, round=round, policy_version="v0", prompt_id=PID, text=f"answer {i}") for i, r in enumerate(ids)])
-    return ids
+    return seed_responses(store, "Which is better?", [f"answer {i}" for i in range(n)], round=round)
 
 
 def _comparison(a, b, p, round=1, oracle="o"):
