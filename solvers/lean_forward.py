@@ -4,9 +4,9 @@ The same arithmetic as transformers' Llama, Mistral and Qwen2 (RMSNorm in float3
 the model's own rotary module, SDPA attention, SwiGLU MLP), called directly on the model's weights: no
 module dispatch, no output records, no mask building per call, and a KV cache preallocated for the whole
 response (written in place instead of concatenated at every token). On a small model most of the time of
-a decoding step goes to that overhead: a 2-layer model decodes about 2.5× faster on one CPU core
-(``bench/vs_trl.py``'s sample phase). Logits agree with the transformers forward to float rounding
-(``tests/test_lean_forward.py``).
+a decoding step goes to that overhead: for ``bench/vs_trl.py``'s 2-layer model on one CPU core, 16 decoding
+steps of 16 rows take 8.4 ms instead of 21 ms, and its sample phase 1.6 ms per pair instead of 3.0.
+Logits agree with the transformers forward to float rounding (``tests/test_lean_forward.py``).
 
 Only inference: training goes through the model's own forward (gradient checkpointing, dropout,
 compilation, DDP hooks all live there). A model this module does not know, or one changed in a way it

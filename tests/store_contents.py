@@ -17,6 +17,13 @@ def seed_responses(store: Store, prompt: str, texts: list[str], *, round: int, p
     return ids
 
 
+def store_pairs(store: Store, pairs, *, split: str = "train", source: str = "test") -> None:
+    """Store the prompts and responses that ``pairs`` (oracles.protocol.Pair) name, as round 0 of "v0"."""
+    store.write("prompts", [dict(prompt_id=p.prompt_id, prompt=p.prompt, split=split, source=source) for p in {p.prompt_id: p for p in pairs}.values()])
+    texts = {p.a_id: (p.prompt_id, p.a) for p in pairs} | {p.b_id: (p.prompt_id, p.b) for p in pairs}
+    store.write("responses", [dict(response_id=r, round=0, policy_version="v0", prompt_id=pid, text=t) for r, (pid, t) in texts.items()])
+
+
 def parquet_files(root) -> list[tuple[str, int]]:
     """(path relative to ``root``, size) of every Parquet file under ``root``, sorted: equal before and
     after a run when the run wrote nothing."""

@@ -19,6 +19,7 @@ from pipelines.components import World, build_oracle, campaign_oracle_ids
 from pipelines.config import ConfigError, parse_config
 from pipelines.human import people_oracle_id
 from pipelines.preference_models import CampaignCascade, model_rounds, read_manifest
+from store_contents import parquet_files
 
 ROOT = Path(__file__).resolve().parent.parent
 BUDGET = 12  # judge pairs per round, of 36 (6 prompts × 6 pairs)
@@ -54,10 +55,6 @@ def campaign(tmp_path_factory, prefect_harness):
     config = parse_config(_raw(tmp_path_factory.mktemp("cascade") / "store"))
     flows.alignment_campaign(config)
     return config
-
-
-def _parquet_files(root):
-    return sorted((os.path.relpath(os.path.join(d, f), root), os.path.getsize(os.path.join(d, f))) for d, _, fs in os.walk(root) for f in fs if f.endswith(".parquet"))
 
 
 @pytest.mark.slow
@@ -102,9 +99,9 @@ def test_a_cascade_round_routes_within_its_budget_records_who_answered_and_retra
     assert table["prefmodel/train_pairs"].iloc[1] > table["prefmodel/train_pairs"].iloc[0]  # judged pairs accumulate
 
     # a finished round run again asks nobody and writes nothing
-    before = _parquet_files(campaign.store)
+    before = parquet_files(campaign.store)
     flows.alignment_round(campaign, 2)
-    assert _parquet_files(campaign.store) == before and model_rounds(store) == [0, 1, 2]
+    assert parquet_files(campaign.store) == before and model_rounds(store) == [0, 1, 2]
 
 
 @pytest.mark.slow

@@ -20,6 +20,7 @@ import pytest
 from data.keys import prompt_id as make_prompt_id
 from data.store import Store
 from openai_stub import StubConfig, StubServer
+from store_contents import store_pairs
 from oracles.judge_parse import FIRST, SECOND, TIE, logprob_p_first, parse_verdict
 from oracles.judge_template import DEFAULT_TEMPLATE, JudgeTemplate, fence, load_template
 from oracles.llm_judge import JudgeConfigError, LLMJudge, LLMJudgeConfig, Secret, judge_metrics
@@ -277,12 +278,7 @@ def _worst_case(p: Pair, prices) -> float:
 # ----- cache and resume --------------------------------------------------------------------------
 def _store_with(tmp_path, pairs: list[Pair]) -> Store:
     store = Store(tmp_path / "store")
-    store.write("prompts", [{"prompt_id": p.prompt_id, "prompt": p.prompt, "split": "train"} for p in {p.prompt_id: p for p in pairs}.values()])
-    responses = {}
-    for p in pairs:
-        responses[p.a_id] = {"response_id": p.a_id, "round": 0, "policy_version": "v0", "prompt_id": p.prompt_id, "text": p.a}
-        responses[p.b_id] = {"response_id": p.b_id, "round": 0, "policy_version": "v0", "prompt_id": p.prompt_id, "text": p.b}
-    store.write("responses", list(responses.values()))
+    store_pairs(store, pairs)
     return store
 
 

@@ -19,6 +19,7 @@ import sys
 import pytest
 import torch
 from torchrun_workers import run_two_workers
+from store_contents import store_pairs
 
 from data.keys import prompt_id, response_id
 from data.store import Store
@@ -53,13 +54,6 @@ def world_pairs(split: str, *, k: int = 6, seed: int = 0, prompts: int | None = 
 
 def as_examples(oracle: TextWorldOracle, pairs: list[Pair]) -> list[pm.PairExample]:
     return [pm.PairExample(p.prompt_id, p.prompt, p.a, p.b, oracle.prob(p.a, p.b), 3.0, f"{p.a}>{p.b}@{p.prompt_id}") for p in pairs]
-
-
-def store_responses(store: Store, pairs: list[Pair], split: str = "train") -> None:
-    prompts = {p.prompt_id: p.prompt for p in pairs}
-    store.write("prompts", [{"prompt_id": k, "prompt": v, "split": split, "source": "letters"} for k, v in prompts.items()])
-    texts = {(p.prompt_id, p.a_id): p.a for p in pairs} | {(p.prompt_id, p.b_id): p.b for p in pairs}
-    store.write("responses", [{"response_id": r, "round": 0, "policy_version": "v0", "prompt_id": k, "text": t} for (k, r), t in texts.items()])
 
 
 def backbone_folder(path) -> str:
@@ -231,7 +225,7 @@ def test_examples_from_store_leave_out_learned_answers_and_split_by_prompt(tmp_p
     world = letter_world()
     pairs = world_pairs("train", prompts=5)
     store = Store(tmp_path / "store")
-    store_responses(store, pairs)
+    store_pairs(store, pairs)
     judged = world.judge(pairs)
     learned = [j.row("cascade:c:000000", 0) for j in judged[:4]]
     for r in learned:
@@ -292,7 +286,7 @@ def test_a_checkpoint_that_does_not_match_is_refused(trained, tmp_path):
     world = letter_world()
     pairs = world_pairs("train", prompts=3)
     store = Store(tmp_path / "store")
-    store_responses(store, pairs)
+    store_pairs(store, pairs)
     store.write("comparisons", [j.row(world.oracle_id, 0) for j in world.judge(pairs)])
     with pytest.raises(pm.CheckpointMismatchError, match="head"):
         pm.fit_preference_model(store, tmp_path / "out", init=path, model_config=pm.PreferenceModelConfig(**{**SMALL.__dict__, "head": "bt"}), train_config=FAST)
