@@ -10,7 +10,10 @@ by its text (from an OpenAI-compatible server, say) is scored as the text's toke
 
 Two ways to get log-probs, one formula (``sequence_logprobs``):
 - ``CausalLMPolicy.score`` — no grad, batched and length-sorted: what fills the store's log-prob cache.
-- ``CausalLMPolicy.logprobs`` / ``response_logprobs`` — with grad, token ids in: what the trainer calls.
+  Supported Llama-family models run solvers/lean_forward.py's forward here (the same logits, less
+  overhead), as they do when sampling; ``CausalLMConfig.lean_forward`` = False turns that off.
+- ``CausalLMPolicy.logprobs`` / ``response_logprobs`` — with grad, token ids in: what the trainer calls,
+  always through the model's own forward.
 Neither materializes a float32 log-softmax over the vocabulary for the whole batch: logits are kept only
 at response positions and normalized chunk by chunk (``token_logprobs``).
 """
@@ -157,7 +160,8 @@ def pack(prompt_ids: list[list[int]], response_ids: list[list[int]], *, pad_id: 
 def sequence_logprobs(model, batch: TokenBatch, *, chunk_elements: int = 2**24, lean: bool = False) -> torch.Tensor:
     """(batch,) float32: Σ_t log π(y_t | x, y_<t) over each row's response tokens. Differentiable
     when grad is enabled; the caller chooses (``torch.inference_mode()`` for caching). ``lean``, without
-    grad: through solvers/lean_forward.py when it supports the model."""
+    grad: through solvers/lean_forward.py when it supports the model (off by default: the trainer's
+    forward is the model's own, with its checkpointing and compilation)."""
     batch = batch.to(next(model.parameters()).device)
     keep = batch.targets.shape[1]
     runner = LeanForward.of(model) if lean and not torch.is_grad_enabled() else None

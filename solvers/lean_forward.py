@@ -16,18 +16,20 @@ gets ``None`` from ``LeanForward.of`` and goes through transformers as before.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# (causal LM, decoder layer, attention, MLP) class names whose forward this module reproduces.
-SUPPORTED = {
-    "LlamaForCausalLM": ("LlamaDecoderLayer", "LlamaAttention", "LlamaMLP"),
-    "MistralForCausalLM": ("MistralDecoderLayer", "MistralAttention", "MistralMLP"),
-    "Qwen2ForCausalLM": ("Qwen2DecoderLayer", "Qwen2Attention", "Qwen2MLP"),
-}
+# The causal LMs whose forward this module reproduces: class name → the prefix of its parts' class names
+# (<prefix>DecoderLayer, <prefix>Attention, <prefix>MLP, <prefix>RMSNorm, <prefix>RotaryEmbedding), all
+# looked up in the module that defines the model's class, so a subclass or remote code is not taken for them.
+SUPPORTED = {"LlamaForCausalLM": "Llama", "MistralForCausalLM": "Mistral", "Qwen2ForCausalLM": "Qwen2"}
+# Rotary variants whose frequencies do not depend on the sequence ("dynamic" and "longrope" recompute
+# them from the longest position of each call, which a decoding step cannot see).
+STATIC_ROPE = ("default", "linear", "llama3", "yarn")
 
 
 Linear = tuple[torch.Tensor, torch.Tensor | None]  # (weight, bias) of an nn.Linear
@@ -110,6 +112,10 @@ class LeanForward:
         values, and the logits stay one row per distinct prompt.
         """
         rows, n = ids.shape
+        if share is not None and start != 0:
+            raise ValueError("LeanForward.forward: shared prompts are read at the start of the cache (start 0)")
+        if not 1 <= keep <= n:
+            raise ValueError(f"LeanForward.forward: keep must be in [1, {n}], got {keep}")
         cos, sin = rope
         half = self.head_dim // 2
         x = F.embedding(ids, self.embed)
@@ -118,7 +124,7 @@ class LeanForward:
             q = F.linear(y, *layer.q).view(rows, n, self.heads, self.head_dim)
             k = F.linear(y, *layer.k).view(rows, n, self.kv_heads, self.head_dim)
             v = F.linear(y, *layer.v).view(rows, n, self.kv_heads, self.head_dim).transpose(1, 2)
-            q = torch.addcmul(q * cos, q.roll(half, -1), sin).transpose(1, 2)
+            q = torch.addcmul(q * cos, q.roll(half, -1), sin)
             k = torch.addcmul(k * cos, k.roll(half, -1), sin).transpose(1, 2)
             if cache is not None:
                 keys, values = cache[i]
@@ -129,38 +135,62 @@ class LeanForward:
                 else:
                     keys[:, :, start : start + n] = k[share]
                     values[:, :, start : start + n] = v[share]
-            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling, enable_gqa=self.heads != self.kv_heads)
-            x = x + F.linear(attended.transpose(1, 2).reshape(rows, n, self.heads * self.head_dim), *layer.o)
+            x = x + F.linear(self._attend(q, k, v, mask), *layer.o)
             y = _rms_norm(x, *layer.norm2)
             x = x + F.linear(F.silu(F.linear(y, *layer.gate)) * F.linear(y, *layer.up), *layer.down)
         return F.linear(_rms_norm(x[:, n - keep :], *self.norm), *self.head)
 
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """SDPA of q (rows, n, heads, head_dim) over k, v (rows, kv_heads, keys, head_dim) → (rows, n,
+        heads·head_dim). Query head j reads key head j // groups, as transformers' repeat_kv does. No
+        ``enable_gqa`` with a mask: on CUDA that falls back to the math kernel (as transformers notes).
+        One new token: each key head's group of query heads goes as its queries. More: keys repeated."""
+        rows, n = q.shape[:2]
+        groups = self.heads // self.kv_heads
+        if n == 1:
+            out = F.scaled_dot_product_attention(q.reshape(rows, self.kv_heads, groups, self.head_dim), k, v, attn_mask=mask, scale=self.scaling)
+            return out.reshape(rows, 1, self.heads * self.head_dim)
+        if groups > 1:
+            k, v = (t.repeat_interleave(groups, dim=1) for t in (k, v))
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, scale=self.scaling)
+        return out.transpose(1, 2).reshape(rows, n, self.heads * self.head_dim)
+
 
 def supports(model) -> bool:
-    """Whether ``LeanForward`` computes exactly what ``model``'s own forward does."""
-    layers = SUPPORTED.get(type(model).__name__)
+    """Whether ``LeanForward`` computes exactly what ``model``'s own forward does: a supported class
+    from transformers itself, every part of the class it expects (no subclass, no quantized or adapter
+    layer), no hook and no forward replaced on an instance, full attention in every layer (no sliding
+    window), SiLU, SDPA or eager attention, and a rotary embedding fixed per position."""
+    prefix = SUPPORTED.get(type(model).__name__)
+    modeling = sys.modules.get(type(model).__module__)
     inner = getattr(model, "model", None)
-    if layers is None or inner is None:
+    if prefix is None or modeling is None or not type(model).__module__.startswith("transformers.models.") or inner is None:
         return False
     config = model.config
     if model.training and getattr(config, "attention_dropout", 0.0):
         return False
-    if getattr(config, "hidden_act", None) not in ("silu", "swish"):
+    if getattr(config, "hidden_act", None) not in ("silu", "swish") or getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
         return False
     if any(t != "full_attention" for t in getattr(config, "layer_types", None) or ()) or getattr(config, "use_sliding_window", False):
         return False
-    if type(model).__name__ == "MistralForCausalLM" and getattr(config, "sliding_window", None) is not None:
+    if prefix == "Mistral" and getattr(config, "sliding_window", None) is not None:
         return False
-    if any(m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook") for m in model.modules()):  # probes, accelerate's offloading
+    if getattr(getattr(inner, "rotary_emb", None), "rope_type", None) not in STATIC_ROPE:
         return False
-    decoder_layer, attention, mlp = layers
+    if any(m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook") or "forward" in vars(m) for m in model.modules()):
+        return False  # probes, accelerate's offloading, a forward patched on an instance
+
+    def is_(module, suffix: str) -> bool:
+        return type(module) is getattr(modeling, prefix + suffix, None)
+
+    parts = [(inner.norm, "RMSNorm"), (inner.rotary_emb, "RotaryEmbedding")]
     for layer in inner.layers:
-        parts = (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)
-        if (type(layer).__name__, type(layer.self_attn).__name__, type(layer.mlp).__name__) != (decoder_layer, attention, mlp):
+        attention, mlp = layer.self_attn, layer.mlp
+        parts += [(layer, "DecoderLayer"), (attention, "Attention"), (mlp, "MLP"), (layer.input_layernorm, "RMSNorm"), (layer.post_attention_layernorm, "RMSNorm")]
+        linears = (attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        if any(type(p) is not nn.Linear for p in linears):
             return False
-        if any(type(p) is not nn.Linear for p in parts) or any(not hasattr(layer, n) for n in ("input_layernorm", "post_attention_layernorm")):
-            return False
-    return type(model.lm_head) is nn.Linear and hasattr(inner, "rotary_emb")
+    return all(is_(m, suffix) for m, suffix in parts) and type(inner.embed_tokens) is nn.Embedding and type(model.lm_head) is nn.Linear
 
 
 def _linear(module: nn.Linear) -> Linear:
