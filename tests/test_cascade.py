@@ -15,7 +15,8 @@ from oracles.cascade import Budget, Cascade, Confident, OrdersAgree, Stage
 from oracles.learned import LearnedOracle
 from oracles.protocol import NOT_JUDGED, Judgment, Pair, make_oracle_id
 from solvers import preference_model as pm
-from test_preference_model import FAST, SMALL, as_examples, backbone_folder, letter_world, store_responses, world_pairs
+from store_contents import store_pairs
+from test_preference_model import FAST, SMALL, as_examples, backbone_folder, letter_world, world_pairs
 
 WORLD = letter_world()
 SPLIT = replace(FAST, eval_share=0.2)  # fit_preference_model holds out a fifth of the prompts
@@ -170,7 +171,7 @@ def test_the_store_records_who_answered_and_metrics_show_share_and_cost(tmp_path
     pairs, learned, judge, people, cascade = setup(people=Budget(usd_per_pair=0.5, usd=100.0))
     got = cascade.judge(pairs)
     store = Store(tmp_path / "store")
-    store_responses(store, pairs)
+    store_pairs(store, pairs)
     store.write("comparisons", [j.row(cascade.oracle_id, 0) for j in got if not j.skipped])
     stored = store.read("comparisons")
     by = stored["detail"].map(lambda d: json.loads(d)["answered_by"]).value_counts().to_dict()
@@ -212,7 +213,7 @@ def test_retraining_on_what_the_expensive_oracles_answered_improves_the_model(tm
     pairs = world_pairs("train", seed=0)  # 24 prompts × 15 pairs
     held_out = as_examples(WORLD, world_pairs("eval", seed=1))
     store = Store(tmp_path / "store")
-    store_responses(store, pairs)
+    store_pairs(store, pairs)
     judge, people = BiasedJudge(), People()
     # round 0: a few judged pairs to start from, and a first model trained on them
     store.write("comparisons", [j.row(judge.oracle_id, 0) for j in judge.judge(pairs[:45])])
