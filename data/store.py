@@ -132,20 +132,23 @@ class Store:
     def read_arrow(self, table: str, *, rounds: Iterable[int] | None = None, columns: Sequence[str] | None = None) -> pa.Table:
         """All stored rows of ``table`` (optionally only some rounds), one row per key."""
         spec = _table(table)
+        wanted = set(spec.schema.names) if not columns else {*columns, *spec.key}  # keys: for one row per key
+        names = [n for n in spec.schema.names if n in wanted]
+        schema = pa.schema([spec.schema.field(n) for n in names])
         parts = []
         for path, rnd in self._files(spec, rounds):
             try:
                 with self.fs.open_input_file(path) as f:
-                    t = pq.read_table(f)
+                    parquet = pq.ParquetFile(f)
+                    _check_schema(parquet.schema_arrow, spec, path)
+                    # only the columns asked for come off the disk (responses' texts and tokens are most of it)
+                    t = parquet.read(columns=[n for n in names if n in parquet.schema_arrow.names])
             except (pa.ArrowInvalid, OSError) as e:
                 raise StoreError(f"{path}: unreadable Parquet file in table {spec.name!r} ({e})") from e
-            t = _with_added_columns(t, spec.file_schema)
-            if not t.schema.equals(spec.file_schema, check_metadata=False):
-                raise StoreError(f"{path}: schema does not match table {spec.name!r}: {_schema_diff(t.schema, spec.file_schema)}")
-            if spec.partitioned:
+            if spec.partitioned and "round" in wanted:
                 t = t.append_column("round", pa.array([rnd] * t.num_rows, pa.int64()))
-            parts.append(t.select(spec.schema.names))
-        out = pa.concat_tables(parts) if parts else spec.schema.empty_table()
+            parts.append(_with_added_columns(t, schema))
+        out = pa.concat_tables(parts) if parts else schema.empty_table()
         out = _drop_duplicate_keys(out, spec.key)
         return out.select(list(columns)) if columns else out
 
@@ -283,14 +286,19 @@ def _drop_duplicate_keys(t: pa.Table, key: Sequence[str]) -> pa.Table:
     return t if len(keep) == t.num_rows else t.take(pa.array(keep, pa.int64()))
 
 
+def _check_schema(got: pa.Schema, spec: Table, path: str) -> None:
+    """Refuse a file whose columns are not its table's; a file written before nullable columns were
+    added to the table passes (it reads them as nulls: ``_with_added_columns``)."""
+    have = pa.schema([f for f in spec.file_schema if f.name in got.names or not f.nullable])
+    if not got.equals(have, check_metadata=False):
+        raise StoreError(f"{path}: schema does not match table {spec.name!r}: {_schema_diff(got, spec.file_schema)}")
+
+
 def _with_added_columns(t: pa.Table, want: pa.Schema) -> pa.Table:
-    """A file written before nullable columns were added to its table gets them as nulls; anything
-    else that differs is left for the caller to refuse."""
-    added = [f for f in want if f.name not in t.schema.names]
-    if not added or not all(f.nullable for f in added) or len(t.schema) + len(added) != len(want):
-        return t
-    for f in added:
-        t = t.append_column(f, pa.nulls(t.num_rows, f.type))
+    """``t`` with ``want``'s columns in its order, those a file lacks (checked nullable) as nulls."""
+    for f in want:
+        if f.name not in t.schema.names:
+            t = t.append_column(f, pa.nulls(t.num_rows, f.type))
     return t.select(want.names)
 
 

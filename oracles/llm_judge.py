@@ -26,8 +26,9 @@ What it does for each pair (a, b):
   ``chat.completions.create`` costs ~0.8 ms more CPU per request building and validating models),
   the clients use openai's documented aiohttp transport when ``aiohttp`` is installed (~0.5 ms less)
   and leave out openai's client-telemetry headers (``X-Stainless-OS`` and the like: ~4% less), and one
-  TLS context serves every client of the process (building one costs ~40 ms of CPU). Measured and
-  left out (``bench/judge_throughput.py``, 2 cores): an event loop per thread (~4% slower: one GIL),
+  TLS context serves every client of the process (building one costs ~40 ms of CPU). Measured by hand
+  with modified copies of ``bench/judge_throughput.py`` (2 cores; the benchmark has no switch for them)
+  and left out: an event loop per thread (~4% slower: one GIL),
   a second process (~2% faster, not worth splitting budget and rate limits), uvloop (less CPU, lower
   throughput).
 - **Retries** are ours (the clients run with ``max_retries=0``): 408/409/429/5xx, timeouts and dropped

@@ -38,7 +38,8 @@ def sample_task(config: CampaignConfig, round: int, phase: str) -> dict:
     k = config.sampling.samples_per_prompt
     out = stages.sample_responses(store, policy, world.prompts, round=round, policy_version=v, k=k, seed=config.seed)
     if _against_mixture(config):  # Nash-MD's opponents, from the geometric mixture of π_t and μ
-        mixture = (load_policy(store, "v0", config, world), config.sampling.mixture_weight)
+        reference = policy if v == "v0" else load_policy(store, "v0", config, world)  # round 1 samples from μ itself
+        mixture = (reference, config.sampling.mixture_weight)
         mixed = stages.sample_responses(store, policy, world.prompts, round=round, policy_version=v, k=k, seed=config.seed, mixture=mixture)
         out = {key: out[key] + mixed[key] for key in out}
     get_run_logger().info(

@@ -70,7 +70,7 @@ def collect_into_store(store: Store, people) -> dict:
 def submit_and_collect(store: Store, people, pairs: list[Pair], *, round: int) -> dict:
     """Submit the round's pairs not yet judged by ``people`` (idempotent), collect what is finished, and
     say how far the round's quorum is."""
-    todo = unjudged(pairs, people.oracle_id, store)
+    todo = unjudged(pairs, people.oracle_id, store, rounds=[round])  # people's answers go to their pairs' round
     submitted = people.submit(todo, round=round) if todo else None
     return {**collect_status(store, people, pairs, round=round), "human/submitted_now": submitted.created if submitted else 0}
 
@@ -90,12 +90,11 @@ def collect_status(store: Store, people, pairs: list[Pair], *, round: int) -> di
     }
 
 
-def wait_in_place(store: Store, config: CampaignConfig, pairs: list[Pair], *, round: int, log) -> dict:
-    """Submit what people have not judged yet, then poll until the round's quorum is reached or
-    ``wait_timeout_s`` passes (each poll only collects)."""
+def wait_in_place(store: Store, config: CampaignConfig, pairs: list[Pair], status: dict, *, round: int, log) -> dict:
+    """Poll until the round's quorum is reached or ``wait_timeout_s`` passes. The pairs were submitted
+    already (``status``: ``submit_and_collect``'s); each poll only collects."""
     deadline = time.monotonic() + config.humans.wait_timeout_s
     people = people_oracle(config)
-    status = submit_and_collect(store, people, pairs, round=round)
     while True:
         if status["human/quorum"] >= config.humans.quorum:
             return status
@@ -141,7 +140,7 @@ def await_people(config: CampaignConfig, round: int, pairs: list[Pair]) -> dict:
         log.info("round %d: suspending until people reach the quorum; the collect-annotations deployment resumes it", round)
         suspend_flow_run(timeout=int(config.humans.suspend_timeout_s), key=f"{config.name}-round-{round}-people-{stable_hash(*sorted(p.a_id + p.b_id for p in pairs), length=6)}")
     if status["human/quorum"] < config.humans.quorum:
-        status = wait_for_people_task(config, round, pairs)
+        status = wait_for_people_task(config, round, pairs, status)
     clear_waiting(store, round)
     return status
 
@@ -152,8 +151,8 @@ def submit_to_people_task(config: CampaignConfig, round: int, pairs: list) -> di
 
 
 @task(name="wait-for-people", task_run_name="{config.name}-r{round}-wait-people", cache_policy=NO_CACHE)
-def wait_for_people_task(config: CampaignConfig, round: int, pairs: list) -> dict:
-    return wait_in_place(Store(config.store), config, pairs, round=round, log=get_run_logger())
+def wait_for_people_task(config: CampaignConfig, round: int, pairs: list, status: dict) -> dict:
+    return wait_in_place(Store(config.store), config, pairs, status, round=round, log=get_run_logger())
 
 
 @flow(name="collect-annotations", flow_run_name="{config.name}-collect-annotations")

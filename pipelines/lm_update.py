@@ -32,24 +32,22 @@ def ensure_logprobs(store: Store, policy, policy_version: str, responses: pd.Dat
 
 def token_lists(column: pd.Series) -> list:
     """The store's token_ids column as lists of ints, None where a response has only its text."""
-    return [None if ids is None else [int(i) for i in ids] for ids in column]
+    return [None if ids is None else ids.tolist() for ids in column]
 
 
-def training_pairs(store: Store, config: CampaignConfig, *, round: int, sampled_version: str, oracle_ids: set[str]) -> pd.DataFrame:
+def training_pairs(store: Store, config: CampaignConfig, rows: pd.DataFrame, prompts: pd.DataFrame, *, round: int, sampled_version: str, oracle_ids: set[str]) -> pd.DataFrame:
     """The judged pairs the update trains on: this round's pairs of the phase's samples, plus earlier
-    rounds' pairs when ``trainer.window`` asks for them. Training prompts only; abstentions dropped."""
+    rounds' pairs when ``trainer.window`` asks for them. Training prompts only; abstentions dropped.
+    ``rows``: the store's responses by response_id; ``prompts``: its prompts by prompt_id."""
     window = config.trainer.window
     first = 1 if window == 0 else max(1, round - window + 1)
     comps = store.read("comparisons", rounds=range(first, round + 1))
     comps = comps[comps["oracle_id"].isin(oracle_ids) & comps["p_a"].notna()]
-    responses = store.read("responses")
-    prompts = store.read("prompts").set_index("prompt_id")
-    texts = responses.set_index("response_id")
     pairs = comps.assign(
         prompt=comps["prompt_id"].map(prompts["prompt"]),
         split=comps["prompt_id"].map(prompts["split"]),
-        version_a=comps["a_id"].map(texts["policy_version"]),
-        version_b=comps["b_id"].map(texts["policy_version"]),
+        version_a=comps["a_id"].map(rows["policy_version"]),
+        version_b=comps["b_id"].map(rows["policy_version"]),
     )
     # Nash-MD's pairs hold one sample of the phase's version and one of its mixture, in either order
     current = (pairs["round"] == round) & ((pairs["version_a"] == sampled_version) | (pairs["version_b"] == sampled_version))
@@ -64,15 +62,16 @@ def update_causal_lm(store: Store, config: CampaignConfig, world: World, *, roun
 
     new, anchor_version, algorithm = version(round, phase), version(round - 1), config.solver.algorithm
     policy, optimizer_state = load_policy(store, anchor_version, config, world, with_optimizer=True)
-    pairs = training_pairs(store, config, round=round, sampled_version=sampled_version, oracle_ids=oracle_ids)
+    rows = store.read("responses").set_index("response_id")
+    prompts = store.read("prompts").set_index("prompt_id")
+    pairs = training_pairs(store, config, rows, prompts, round=round, sampled_version=sampled_version, oracle_ids=oracle_ids)
     if pairs.empty:
         raise ValueError(f"round {round} {phase}: no judged pairs to train on (all abstained or none stored); the policy stays at {anchor_version}")
-    rows = store.read("responses").set_index("response_id")
-    ids = pd.unique(pd.concat([pairs["a_id"], pairs["b_id"]]))
-    if algorithm == "nash_md":  # the loss scores y ~ π_t only; its mixture opponents y' need no log-probs
-        ids = [i for i in ids if not is_mixture(rows.at[i, "policy_version"])]
+    used = pd.unique(pd.concat([pairs["a_id"], pairs["b_id"]]))
+    # Nash-MD's loss scores y ~ π_t only: its mixture opponents y' need no log-probs
+    ids = [i for i in used if not is_mixture(rows.at[i, "policy_version"])]
     responses = rows.loc[ids].reset_index()
-    responses["prompt"] = responses["prompt_id"].map(store.read("prompts").set_index("prompt_id")["prompt"])
+    responses["prompt"] = responses["prompt_id"].map(prompts["prompt"])
 
     logp = {anchor_version: ensure_logprobs(store, policy, anchor_version, responses, round=round)}
     loss_config = losses.make_config(algorithm, **config.solver.loss)
@@ -83,7 +82,6 @@ def update_causal_lm(store: Store, config: CampaignConfig, world: World, *, roun
         if v not in logp:
             logp[v] = ensure_logprobs(store, load_policy(store, v, config, world), v, responses, round=round)
     finished = rows["finish_reason"] == "stop"
-    used = pd.unique(pd.concat([pairs["a_id"], pairs["b_id"]]))
     tokens = pd.Series(token_lists(rows.loc[used, "token_ids"]), index=used)
 
     def pair_of(v, r):

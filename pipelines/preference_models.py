@@ -361,8 +361,10 @@ class CampaignCascade:
         if not state.budgets:
             return
         stored = self.store.read("comparisons", rounds=[round], columns=["a_id", "oracle_id", "detail"])
-        versions = self.store.read("responses", rounds=[round], columns=["response_id", "policy_version"]).set_index("response_id")["policy_version"]
-        mine = stored[(stored["oracle_id"] == self.oracle_id) & (stored["a_id"].map(versions).map(sampling_policy, na_action="ignore") == sampled)]
+        stored = stored[stored["oracle_id"] == self.oracle_id]
+        if not set(stored["a_id"]) <= self._where.keys():
+            self._read_locations()
+        mine = stored[stored["a_id"].map(lambda a: self._where.get(a, (None, None))[1]) == sampled]
         for text in mine["detail"].dropna():
             detail = json.loads(text)
             if detail.get("held_out"):

@@ -12,8 +12,8 @@ Two ways to get log-probs, one formula (``sequence_logprobs``):
 - ``CausalLMPolicy.score`` — no grad, batched and length-sorted: what fills the store's log-prob cache.
   Supported Llama-family models run solvers/lean_forward.py's forward here (the same logits, less
   overhead), as they do when sampling; ``CausalLMConfig.lean_forward`` = False turns that off.
-- ``CausalLMPolicy.logprobs`` / ``response_logprobs`` — with grad, token ids in: what the trainer calls,
-  always through the model's own forward.
+- ``sequence_logprobs`` on a ``pack``-ed batch — with grad: what the trainer calls, always through the
+  model's own forward.
 Neither materializes a float32 log-softmax over the vocabulary for the whole batch: logits are kept only
 at response positions and normalized chunk by chunk (``token_logprobs``).
 """
@@ -157,14 +157,12 @@ def pack(prompt_ids: list[list[int]], response_ids: list[list[int]], *, pad_id: 
     return TokenBatch(input_ids, attention_mask, position_ids, targets, target_mask)
 
 
-def sequence_logprobs(model, batch: TokenBatch, *, chunk_elements: int = 2**24, lean: bool = False) -> torch.Tensor:
+def sequence_logprobs(model, batch: TokenBatch, *, chunk_elements: int = 2**24, runner: LeanForward | None = None) -> torch.Tensor:
     """(batch,) float32: Σ_t log π(y_t | x, y_<t) over each row's response tokens. Differentiable
-    when grad is enabled; the caller chooses (``torch.inference_mode()`` for caching). ``lean``, without
-    grad: through solvers/lean_forward.py when it supports the model (off by default: the trainer's
-    forward is the model's own, with its checkpointing and compilation)."""
+    when grad is enabled; the caller chooses (``torch.inference_mode()`` for caching). ``runner``
+    (``LeanForward.of(model)``, no grad only): its forward instead of the model's own."""
     batch = batch.to(next(model.parameters()).device)
     keep = batch.targets.shape[1]
-    runner = LeanForward.of(model) if lean and not torch.is_grad_enabled() else None
     if runner is None:
         logits = model(
             input_ids=batch.input_ids,
@@ -178,11 +176,6 @@ def sequence_logprobs(model, batch: TokenBatch, *, chunk_elements: int = 2**24, 
         logits = runner.forward(batch.input_ids, runner.rope(batch.position_ids), mask, keep=keep)
     per_token = token_logprobs(logits, batch.targets, chunk_elements=chunk_elements)
     return (per_token * batch.target_mask).sum(-1)
-
-
-def response_logprobs(model, prompt_ids: list[list[int]], response_ids: list[list[int]], *, pad_id: int, chunk_elements: int = 2**24, lean: bool = False) -> torch.Tensor:
-    """(batch,) log π(response | prompt) from token ids, with gradients when enabled."""
-    return sequence_logprobs(model, pack(prompt_ids, response_ids, pad_id=pad_id), chunk_elements=chunk_elements, lean=lean)
 
 
 # ----- the policy -------------------------------------------------------------------------------------
@@ -203,8 +196,8 @@ class CausalLMPolicy:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
         self.context = context_length(model, tokenizer)
         self.chat = config.use_chat_template and getattr(tokenizer, "chat_template", None) is not None
-        # A round tokenizes each text several times (sampling, scoring under μ and π_t, the update);
-        # a Python tokenizer costs as much as a tiny model's forward pass, so each text is encoded once.
+        # A Python tokenizer costs as much as a tiny model's forward pass: a policy encodes each text once
+        # (a prompt recurs in every pair of the update, and in every round where one policy lives on).
         self._tokens = functools.lru_cache(maxsize=2**13)(lambda text, special: tuple(tokenizer(text, add_special_tokens=special).input_ids))
         if self.context is not None and config.max_new_tokens >= self.context:
             raise ValueError(f"max_new_tokens={config.max_new_tokens} leaves no room for a prompt in a context of {self.context} tokens")
@@ -307,17 +300,15 @@ class CausalLMPolicy:
         prompt_ids, response_ids = self.encode(prompts, responses, finished, tokens)
         order = sorted(range(len(prompts)), key=lambda i: len(prompt_ids[i]) + len(response_ids[i]))
         out = [0.0] * len(prompts)
+        runner = LeanForward.of(self.model) if self.config.lean_forward else None
         with torch.inference_mode():
             for s in range(0, len(order), self.config.batch_size):
                 rows = order[s : s + self.config.batch_size]
-                logp = self.logprobs([prompt_ids[i] for i in rows], [response_ids[i] for i in rows])
+                batch = pack([prompt_ids[i] for i in rows], [response_ids[i] for i in rows], pad_id=self.pad_id)
+                logp = sequence_logprobs(self.model, batch, chunk_elements=self.config.chunk_elements, runner=runner)
                 for i, v in zip(rows, logp.tolist()):
                     out[i] = v
         return out
-
-    def logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> torch.Tensor:
-        """(batch,) log π(response | prompt) from token ids (``encode``), with gradients when enabled."""
-        return response_logprobs(self.model, prompt_ids, response_ids, pad_id=self.pad_id, chunk_elements=self.config.chunk_elements, lean=self.config.lean_forward)
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
         """Model (safetensors) and tokenizer into the folder ``path``, atomically: see

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from solvers.lean_forward import LeanForward
+from solvers.lean_forward import LeanForward, takes_ready_mask
 
 
 @dataclass
@@ -48,19 +48,6 @@ def left_pad(sequences: list[list[int]], pad_id: int, device: torch.device | str
     mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences], dtype=torch.long)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     return ids.to(device), mask.to(device), positions.to(device)
-
-
-def takes_ready_mask(model) -> bool:
-    """Whether the model can be handed a ready 4D additive mask, used as-is by every layer: SDPA or
-    eager attention and no layer with a window or chunks of its own. transformers expands a 2D padding
-    mask again at every generated token: about a third of a tiny model's per-token time on a CPU."""
-    config = model.config.get_text_config()
-    if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
-        return False
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types is not None:
-        return all(t == "full_attention" for t in layer_types)
-    return getattr(config, "sliding_window", None) is None and getattr(config, "attention_chunk_size", None) is None
 
 
 def ready_mask(keep: torch.Tensor, queries: int, dtype: torch.dtype) -> torch.Tensor:
@@ -199,7 +186,7 @@ class _TransformersSteps:
         self.cache = DynamicCache(config=model.config)
         self.cache_name = cache_kwarg(model)
         self.dtype = next(model.parameters()).dtype if takes_ready_mask(model) else None
-        self.step_mask = None if self.dtype is None else additive(keep, self.dtype)
+        self.step_mask = keep.long() if self.dtype is None else additive(keep, self.dtype)
 
     def prompts(self, ids, distinct, share) -> torch.Tensor:
         """Logits (rows, vocab) after the prompts: ``ids`` are the distinct prompts (rows ``distinct``),
@@ -213,7 +200,7 @@ class _TransformersSteps:
     def token(self, ids, t: int) -> torch.Tensor:
         """Logits (rows, vocab) after new token t − 1 of every row (``ids`` (rows, 1))."""
         seen = self.width + t
-        mask = self.keep[:, :seen].long() if self.dtype is None else self.step_mask[:, None, None, :seen]
+        mask = self.step_mask[:, :seen] if self.dtype is None else self.step_mask[:, None, None, :seen]
         return self._forward(ids, mask, self.positions[:, -1:] + t)
 
     def _forward(self, ids, mask, positions):

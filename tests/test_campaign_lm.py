@@ -2,6 +2,7 @@
 
 import os
 
+import pandas as pd
 import pytest
 
 from data import Store
@@ -60,9 +61,10 @@ def test_nash_md_compares_each_sample_with_one_from_the_mixture(tmp_path, prefec
     assert train["policy_version"].value_counts().to_dict() == {"v1": 12 * 4, "v1-mixture": 12 * 4}
     comps = store.read("comparisons", rounds=[2])
     comps = comps[comps["a_id"].isin(train.index)]
-    versions = sorted(zip(comps["a_id"].map(responses["policy_version"]), comps["b_id"].map(responses["policy_version"])))
-    # one pair per sample of π_1 (identical texts skipped), with its mixture opponent, in a random order
+    versions = list(zip(comps["a_id"].map(responses["policy_version"]), comps["b_id"].map(responses["policy_version"])))
+    # one pair per sample of π_1 (identical texts skipped), with its own mixture opponent, in a random order
     assert {frozenset(v) for v in versions} == {frozenset({"v1", "v1-mixture"})} and 0.8 * 48 <= len(comps) <= 48
+    assert not pd.concat([comps["a_id"], comps["b_id"]]).duplicated().any()  # no sample, and no opponent, in two pairs
     assert 0 < sum(a == "v1" for a, _ in versions) < len(versions)
     # μ scores the training samples of π_1 the loss uses; their opponents need no log-probs under μ
     ref = set(store.read("logprobs").query("policy_version == 'v0' and round == 2")["response_id"]) & set(train.index)

@@ -14,9 +14,10 @@ from data.store import Store
 from oracles.cascade import Budget, Cascade, Confident, OrdersAgree, Stage
 from oracles.learned import LearnedOracle
 from oracles.protocol import NOT_JUDGED, Judgment, Pair, make_oracle_id
+from oracles.text_world import letter_world
 from solvers import preference_model as pm
 from store_contents import store_pairs
-from test_preference_model import FAST, SMALL, as_examples, backbone_folder, letter_world, world_pairs
+from preference_fixtures import FAST, SMALL, as_examples, backbone_folder, world_pairs
 
 WORLD = letter_world()
 SPLIT = replace(FAST, eval_share=0.2)  # fit_preference_model holds out a fifth of the prompts

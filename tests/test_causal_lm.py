@@ -21,12 +21,12 @@ from solvers.causal_lm import (
     PromptTooLongError,
     PromptTruncatedWarning,
     pack,
-    response_logprobs,
     sequence_logprobs,
     tiny_causal_lm,
     tiny_policy,
     token_logprobs,
 )
+from solvers.lean_forward import LeanForward
 from solvers.mixture_sampling import choose_tokens, decode
 from solvers.policy import Policy
 
@@ -174,8 +174,8 @@ def test_decode_uses_the_kv_cache_and_matches_a_full_forward(kind):
     hook = model.base_model.register_forward_pre_hook(lambda module, args, kwargs: widths.append(kwargs.get("input_ids", args[0] if args else None).shape[1]), with_kwargs=True)
     prompt_ids = policy.encode_prompts(PROMPTS)
     uniforms = torch.rand(len(PROMPTS), 9, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    try:
-        out = decode([model], [1.0], prompt_ids, uniforms, stop_ids={1}, pad_id=0)
+    try:  # the model's own forward (a hooked model would not take the lean one anyway): tests/test_lean_forward.py compares the two
+        out = decode([model], [1.0], prompt_ids, uniforms, stop_ids={1}, pad_id=0, lean=False)
     finally:
         hook.remove()
     assert widths[0] == max(len(p) for p in prompt_ids) and set(widths[1:]) == {1}  # the prefix is never re-read
@@ -185,16 +185,23 @@ def test_decode_uses_the_kv_cache_and_matches_a_full_forward(kind):
     torch.testing.assert_close(out.logq, out.logp)  # temperature 1, no nucleus: sampled from π itself
 
 
-def test_decode_reads_a_repeated_prompt_once_and_samples_each_row_as_alone():
+@pytest.mark.parametrize("lean", [True, False])
+def test_decode_reads_a_repeated_prompt_once_and_samples_each_row_as_alone(lean, monkeypatch):
     policy = tiny_policy()
     prompt_ids = policy.encode_prompts([PROMPTS[0], PROMPTS[1], PROMPTS[0], PROMPTS[0]])
     uniforms = torch.rand(4, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     batch_rows = []
-    hook = policy.model.base_model.register_forward_pre_hook(lambda module, args, kwargs: batch_rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    if lean:  # rows of each call of the lean forward
+        forward = LeanForward.forward
+        monkeypatch.setattr(LeanForward, "forward", lambda self, ids, *a, **k: batch_rows.append(ids.shape[0]) or forward(self, ids, *a, **k))
+        hook = None
+    else:
+        hook = policy.model.base_model.register_forward_pre_hook(lambda module, args, kwargs: batch_rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
     try:
-        together = decode([policy.model], [1.0], prompt_ids, uniforms, stop_ids={1}, pad_id=0)
+        together = decode([policy.model], [1.0], prompt_ids, uniforms, stop_ids={1}, pad_id=0, lean=lean)
     finally:
-        hook.remove()
+        if hook is not None:
+            hook.remove()
     assert batch_rows[0] == 2 and set(batch_rows[1:]) == {4}  # two distinct prompts read, four rows decoded
     alone = [decode([policy.model], [1.0], [p], uniforms[i : i + 1], stop_ids={1}, pad_id=0) for i, p in enumerate(prompt_ids)]
     assert together.tokens == [a.tokens[0] for a in alone] and len({tuple(t) for t in together.tokens}) == 4
@@ -239,11 +246,11 @@ def test_token_logprobs_in_chunks_equal_log_softmax_with_gradients():
     torch.testing.assert_close(bf16, naive.detach(), atol=0.1, rtol=0.02)
 
 
-def test_response_logprobs_with_gradients_match_the_naive_computation():
+def test_sequence_logprobs_with_gradients_match_the_naive_computation():
     model, _ = tiny_causal_lm()
     prompt_ids = [[10, 11, 12], [13]]
     response_ids = [[40, 41, 1], [42, 43, 44, 45]]
-    ours = response_logprobs(model, prompt_ids, response_ids, pad_id=0, chunk_elements=259 * 2)
+    ours = sequence_logprobs(model, pack(prompt_ids, response_ids, pad_id=0), chunk_elements=259 * 2)
     ours.sum().backward()
     grad = model.lm_head.weight.grad.clone()
     model.zero_grad()
