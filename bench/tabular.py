@@ -15,7 +15,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from oracles.games import random_game  # noqa: E402
-from solvers import tabular  # noqa: E402
+from solvers import algorithms, tabular  # noqa: E402
 
 TARGET = 1e-6
 
@@ -32,13 +32,13 @@ def main() -> None:
     for beta in (0.01, 0.1, 1.0):
         star = tabular.regularized_nash(P, mu, beta).pi
         kl0 = tabular.kl(star, mu)
-        for algorithm in tabular.ALGORITHMS:
-            if algorithm == "sppo":
-                continue  # unregularized: it does not converge to the β-regularized equilibrium
-            options = {"schedule": "decay"} if algorithm == "nash_md" else {}
-            params = tabular.Params(algorithm, beta, **options)
+        for algorithm, entry in algorithms.ALGORITHMS.items():
+            if not entry.has_tabular or entry.averaged:
+                continue  # no exact dynamics, or unregularized (SPPO): it does not converge to the β-regularized equilibrium
+            options = {"schedule": "decay"} if "schedule" in entry.tabular_fields else {}  # Nash-MD's constant step is biased
+            params = entry.params(beta, **options)
             start, reached = time.perf_counter(), None
-            for t, pi in enumerate(tabular.iterate(P, mu, params)):
+            for t, pi in enumerate(tabular.iterate(P, mu, entry.exact_step, params)):
                 if tabular.kl(star, pi) < TARGET:
                     reached = t
                     break

@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from transformers import ByT5Tokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from solvers import losses, trainer  # noqa: E402
+from solvers import algorithms, trainer  # noqa: E402
 from solvers.causal_lm import CausalLMConfig, CausalLMPolicy, pack  # noqa: E402
 
 
@@ -110,7 +110,7 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=8192)
-    ap.add_argument("--losses", default=",".join(losses.LOSSES))
+    ap.add_argument("--losses", default=",".join(n for n, a in algorithms.ALGORITHMS.items() if a.loss is not None))
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads (1: steadier timings on shared cores)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

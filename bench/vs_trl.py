@@ -47,7 +47,7 @@ import torch  # noqa: E402
 
 from oracles.protocol import Pair  # noqa: E402
 from oracles.text_world import TextWorldOracle, text_world_prompts  # noqa: E402
-from solvers import losses  # noqa: E402
+from solvers import algorithms  # noqa: E402
 from solvers.causal_lm import CausalLMConfig, CausalLMPolicy, tiny_causal_lm  # noqa: E402
 from solvers.trainer import Example, TrainerConfig, update  # noqa: E402
 
@@ -138,7 +138,7 @@ def time_ours(args, prompts: list[str]) -> dict:
     loss_kwargs = {"beta": args.beta} if args.loss == "dpo" else {}
     trainer_config = TrainerConfig(
         loss=args.loss,
-        loss_config=losses.make_config(args.loss, **loss_kwargs),
+        loss_config=algorithms.with_loss(args.loss).loss.config(**loss_kwargs),
         lr=args.lr,
         schedule="constant",
         max_grad_norm=1.0,

@@ -184,7 +184,7 @@ def solve(
     n: Annotated[int, typer.Option(help="number of responses of a generated game")] = 100,
     seed: Annotated[int, typer.Option(help="seed of a random game")] = 0,
     beta: Annotated[float, typer.Option(help="KL regularization")] = 0.1,
-    algorithm: Annotated[str, typer.Option(help="nash_mp, egpo, inpo, mnpo, nash_md, onpo or sppo")] = "nash_mp",
+    algorithm: Annotated[str, typer.Option(help="an algorithm with exact tabular dynamics (docs/solvers.md lists them)")] = "nash_mp",
     iterations: Annotated[int, typer.Option(help="iterations to run")] = 50,
     eta: Annotated[Optional[float], typer.Option(help="step size (default: the algorithm's)")] = None,
     every: Annotated[int, typer.Option(help="print every k-th iteration")] = 10,
@@ -194,16 +194,17 @@ def solve(
     import numpy as np
 
     from oracles.games import GameError, load_game, make_game
-    from solvers import tabular
+    from solvers import algorithms, tabular
 
     try:
         P = load_game(game) if game.endswith(".npy") else make_game(game, n, seed)
-        sol = tabular.solve(P, np.full(len(P), 1 / len(P)), beta, algorithm, iterations, eta)
+        entry = algorithms.get(algorithm)
+        sol = entry.solve(P, np.full(len(P), 1 / len(P)), beta, iterations, eta)
     except (GameError, ValueError) as e:
         _fail(str(e))
     mu = np.full(len(P), 1 / len(P))
     eq = tabular.regularized_nash(P, mu, beta)
-    policies = sol.average if algorithm == "sppo" else sol.policies
+    policies = sol.average if entry.averaged else sol.policies
     rows = [
         {"iteration": t, "kl_to_nash": tabular.kl(eq.pi, policies[t]), "duality_gap": tabular.duality_gap(policies[t], P, mu, beta)}
         for t in range(iterations + 1)

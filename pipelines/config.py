@@ -7,14 +7,13 @@ mistyped field is refused with its path (``solver.beta: Input should be greater 
 from __future__ import annotations
 
 import os
-from typing import Annotated, Literal
+from dataclasses import fields
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, create_model, model_validator
 
-ALGORITHMS = Literal["nash_mp", "egpo", "inpo", "mnpo", "nash_md", "onpo", "sppo", "online_ipo", "dpo"]
-TABULAR_ONLY = ("onpo",)  # no language-model loss
-LM_ONLY = ("online_ipo", "dpo")  # no exact tabular dynamics
+from solvers import algorithms, tabular
 
 
 class ConfigError(ValueError):
@@ -250,18 +249,64 @@ OracleConfig = Annotated[
 ]
 
 
-class SolverConfig(Strict):
-    """The Nash solver and its regularization. See docs/solvers.md for each algorithm."""
+# ----- the solver: one typed settings model per algorithm, built from its registry entry ------------------
 
-    algorithm: ALGORITHMS = "nash_mp"
-    beta: float = Field(0.25, gt=0, description="tabular: KL regularization toward the reference μ; larger = faster, more conservative")
-    eta: float | None = Field(None, gt=0, description="tabular: step size; None = the algorithm's default")
-    history: int = Field(2, ge=1, description="tabular MNPO: number of past iterates H")
-    weights: list[float] | None = Field(None, description="tabular MNPO: weights λ of the past iterates (normalized)")
-    schedule: Literal["constant", "decay"] = Field("constant", description="tabular Nash-MD step schedule")
-    loss: dict[str, float | int | str | list[float]] = Field(
-        default_factory=dict, description="causal LM: the loss's parameters (solvers/losses.py), e.g. {eta: 0.0075, tau: 0.0025} for INPO"
-    )
+# The exact tabular step's settings (solvers/tabular.Params); each algorithm takes those it reads.
+TABULAR_SETTINGS: dict[str, tuple[Any, Any]] = {
+    "beta": (float, Field(0.25, gt=0, description="tabular: KL regularization toward the reference μ; larger = faster, more conservative")),
+    "eta": (float | None, Field(None, gt=0, description="tabular: the step parameter (MNPO: the inverse step); None = the algorithm's default (docs/solvers.md)")),
+    "history": (int, Field(2, ge=1, description="tabular MNPO: number of past iterates H")),
+    "weights": (list[float] | None, Field(None, description="tabular MNPO: weights λ of the past iterates (normalized); None = uniform")),
+    "schedule": (Literal["constant", "decay"], Field("constant", description="tabular Nash-MD: a constant step, or η_t = 2/(β(t+2))")),
+}
+DEFAULT_ALGORITHM = "nash_mp"
+
+
+class SolverSettings(Strict):
+    """The ``solver`` section: ``algorithm`` picks the settings model (one per entry of
+    solvers/algorithms.py). Tabular campaigns read the exact step's fields (beta, eta, …), causal-LM
+    campaigns ``loss``, the algorithm's typed loss config; the campaign refuses a field its policy
+    kind does not read."""
+
+    algorithm: str
+
+    @property
+    def entry(self) -> algorithms.Algorithm:
+        return algorithms.get(self.algorithm)
+
+    def tabular_params(self) -> tabular.Params:
+        """The exact step's settings, with the algorithm's default step when ``eta`` is None."""
+        options = {name: getattr(self, name) for name in self.entry.tabular_fields if name not in ("beta", "eta")}
+        if options.get("weights") is not None:
+            options["weights"] = tuple(options["weights"])
+        return self.entry.params(self.beta, self.eta, **options)
+
+    def loss_config(self):
+        """The language-model loss's config (its defaults unless ``loss`` is set)."""
+        return self.loss
+
+
+def _settings_model(a: algorithms.Algorithm) -> type[SolverSettings]:
+    spec = {"algorithm": (Literal[a.name], Field(a.name, description=a.title))}
+    if a.has_tabular:
+        spec |= {name: TABULAR_SETTINGS[name] for name in a.tabular_fields}
+    if a.loss is not None:
+        spec["loss"] = (a.loss.config, Field(default_factory=a.loss.config, description=f"causal LM: the loss's settings ({a.loss.config.__name__} in solvers/losses.py)"))
+    model_name = "".join(part.title() for part in a.name.split("_")) + "Settings"
+    return create_model(model_name, __base__=SolverSettings, __doc__=f"{a.title}. {SolverSettings.__doc__}", **spec)
+
+
+SOLVER_SETTINGS = {name: _settings_model(a) for name, a in algorithms.ALGORITHMS.items()}
+
+
+def _algorithm_tag(value) -> str | None:
+    """The discriminator: a solver section without ``algorithm`` is the default algorithm's."""
+    if isinstance(value, dict):
+        return value.get("algorithm", DEFAULT_ALGORITHM)
+    return getattr(value, "algorithm", None)
+
+
+SolverConfig = Annotated[Union[tuple(Annotated[m, Tag(n)] for n, m in SOLVER_SETTINGS.items())], Discriminator(_algorithm_tag)]
 
 
 class SamplingConfig(Strict):
@@ -291,7 +336,7 @@ class CampaignConfig(Strict):
     policy: PolicyConfig = TabularPolicyConfig()
     oracle: OracleConfig | None = Field(None, description="the machine oracle (or learned model, or cascade of both): judges every pair, or those not shown to people")
     humans: HumansConfig | None = Field(None, description="people in Label Studio for a share of the pairs")
-    solver: SolverConfig = SolverConfig()
+    solver: SolverConfig = Field(default_factory=lambda: SOLVER_SETTINGS[DEFAULT_ALGORITHM](algorithm=DEFAULT_ALGORITHM), description="the Nash solver and its settings")
     sampling: SamplingConfig = SamplingConfig()
     pairing: PairingConfig = PairingConfig()
     trainer: TrainerSettings = TrainerSettings()
@@ -318,12 +363,35 @@ class CampaignConfig(Strict):
             raise ValueError("humans.share is 1: every pair goes to people directly and the cascade (oracle.people) never runs; set it to 0, or to a small audit share")
         if self.humans is not None and self.humans.share == 0.0 and not people_in_cascade:
             raise ValueError("humans.share is 0: people would see only what a cascade passes on, and there is none (oracle.kind: cascade with people: true)")
-        algorithm = self.solver.algorithm
-        if tabular and algorithm in LM_ONLY:
-            raise ValueError(f"solver.algorithm {algorithm!r} is a language-model baseline with no tabular dynamics")
-        if not tabular and algorithm in TABULAR_ONLY:
-            raise ValueError(f"solver.algorithm {algorithm!r} has no language-model loss; use it with a tabular policy")
+        self._solver_fits_policy(tabular)
         return self
+
+    def _solver_fits_policy(self, tabular: bool) -> None:
+        """Refuse a setting this campaign's policy kind never reads, naming it and what is read instead."""
+        solver, algorithm = self.solver, self.solver.entry
+        if tabular and not algorithm.has_tabular:
+            raise ValueError(f"solver.algorithm {algorithm.name!r} is a language-model baseline with no tabular dynamics")
+        if not tabular and algorithm.loss is None:
+            raise ValueError(f"solver.algorithm {algorithm.name!r} has no language-model loss; use it with a tabular policy")
+        if tabular:
+            try:
+                solver.tabular_params()
+            except ValueError as e:
+                raise ValueError(f"solver: {e}") from None
+            loss_read = "solver.beta" + "".join(f", solver.{f}" for f in algorithm.tabular_fields[1:])
+            unread = [("solver.loss", f"the settings of the language-model loss; a tabular policy reads {loss_read}")] if "loss" in solver.model_fields_set else []
+            unread += [("trainer", "the causal-LM update's settings; a tabular policy's update is the exact step on P̂")] if "trainer" in self.model_fields_set else []
+        else:
+            loss_fields = ", ".join(f.name for f in fields(algorithm.loss.config))
+            unread = [
+                (f"solver.{name}", f"a setting of the exact tabular step; a causal_lm policy reads solver.loss ({algorithm.name}: {loss_fields})")
+                for name in algorithm.tabular_fields
+                if name in solver.model_fields_set
+            ]
+        if "mixture_weight" in self.sampling.model_fields_set and (tabular or algorithm.opponent != "mixture"):
+            unread.append(("sampling.mixture_weight", "only causal-LM Nash-MD samples opponents from the geometric mixture"))
+        if unread:
+            raise ValueError("; ".join(f"{path} is not used by this campaign: {why}" for path, why in unread))
 
 
 def load_config(path: str, **overrides) -> CampaignConfig:
@@ -345,8 +413,25 @@ def parse_config(raw: dict, *, source: str = "config") -> CampaignConfig:
     try:
         return CampaignConfig.model_validate(raw)
     except ValidationError as e:
-        lines = [f"{source}: {'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}" for err in e.errors()]
-        raise ConfigError("\n".join(lines)) from None
+        raise ConfigError("\n".join(f"{source}: {_where(err['loc'])}{_message(err)}" for err in e.errors())) from None
+
+
+def _where(loc: tuple) -> str:
+    """``path: ``, the field's path as the user wrote it (without the discriminator's tag:
+    ``solver.beta``, not ``solver.inpo.beta``); empty for a whole-config check, whose message names
+    its fields."""
+    parts = [str(p) for i, p in enumerate(loc) if not (i == 1 and loc[0] == "solver" and p in algorithms.ALGORITHMS)]
+    return ".".join(parts) + ": " if parts else ""
+
+
+def _message(err: dict) -> str:
+    loc = err["loc"]
+    if err["type"] == "extra_forbidden" and len(loc) == 3 and loc[0] == "solver" and loc[1] in algorithms.ALGORITHMS:
+        settings = [name for name in SOLVER_SETTINGS[loc[1]].model_fields if name != "algorithm"]
+        return f"{loc[1]} has no setting {loc[2]!r}; its settings are {', '.join(settings)}"
+    if err["type"] == "union_tag_invalid" and loc == ("solver",):
+        return f"unknown algorithm {err['ctx']['tag']!r}; choose one of {', '.join(algorithms.ALGORITHMS)}"
+    return err["msg"].removeprefix("Value error, ")
 
 
 def default_config_path() -> str:

@@ -15,14 +15,14 @@ from prefect.cache_policies import NO_CACHE
 from data import Store
 from pipelines import artifacts, secrets, stages
 from pipelines import human
-from pipelines.components import World, build_oracle, campaign_oracle_ids, load_policy, phases, version, work_dir, worth_retrying
+from pipelines.components import World, build_oracle, campaign_oracle_ids, load_policy, version, work_dir, worth_retrying
 from pipelines.config import CampaignConfig
 from pipelines.progress import reporter
 
 
 def _sampler_version(config: CampaignConfig, round: int, phase: str) -> str:
     """The first phase samples the anchor π_{r−1}; an extragradient update samples the midpoint."""
-    two_phase = len(phases(config)) == 2
+    two_phase = len(config.solver.entry.phases) == 2
     return version(round, "midpoint") if (two_phase and phase == "update") else version(round - 1)
 
 
@@ -49,9 +49,9 @@ def sample_task(config: CampaignConfig, round: int, phase: str) -> dict:
 
 
 def _against_mixture(config: CampaignConfig) -> bool:
-    """Causal-LM Nash-MD compares samples of π_t with samples of π_t^(1−m) μ^m (the tabular policy
-    draws its pairs from the mixture itself)."""
-    return config.solver.algorithm == "nash_md" and config.policy.kind == "causal_lm"
+    """Causal-LM Nash-MD compares samples of π_t with samples of π_t^(1−m) μ^m (a tabular policy's
+    exact step takes the mixture itself)."""
+    return config.solver.entry.opponent == "mixture" and config.policy.kind == "causal_lm"
 
 
 @task(name="pair-responses", task_run_name="{config.name}-r{round}-{phase}-pair", cache_policy=NO_CACHE)
@@ -133,7 +133,7 @@ def alignment_round(config: CampaignConfig, round: int) -> dict:
     store = Store(config.store)
     stages.register_prompts(store, World(config))
     watch, stage_metrics = stages.Stopwatch(), {}
-    for phase in phases(config):
+    for phase in config.solver.entry.phases:
         prefix = "midpoint/" if phase == "midpoint" else ""
         reporter().stage(round, f"{prefix}sample")
         with watch("sample"):

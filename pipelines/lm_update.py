@@ -57,10 +57,9 @@ def training_pairs(store: Store, config: CampaignConfig, rows: pd.DataFrame, pro
 
 def update_causal_lm(store: Store, config: CampaignConfig, world: World, *, round: int, phase: str, sampled_version: str, oracle_ids: set[str]) -> dict:
     from solvers import checkpoint as lm_checkpoint
-    from solvers import losses
-    from solvers.trainer import ONE_RESPONSE, Example, TrainerConfig, update
+    from solvers.trainer import Example, TrainerConfig, update
 
-    new, anchor_version, algorithm = version(round, phase), version(round - 1), config.solver.algorithm
+    new, anchor_version, algorithm = version(round, phase), version(round - 1), config.solver.entry
     policy, optimizer_state = load_policy(store, anchor_version, config, world, with_optimizer=True)
     rows = store.read("responses").set_index("response_id")
     prompts = store.read("prompts").set_index("prompt_id")
@@ -74,9 +73,9 @@ def update_causal_lm(store: Store, config: CampaignConfig, world: World, *, roun
     responses["prompt"] = responses["prompt_id"].map(prompts["prompt"])
 
     logp = {anchor_version: ensure_logprobs(store, policy, anchor_version, responses, round=round)}
-    loss_config = losses.make_config(algorithm, **config.solver.loss)
-    # MNPO's H past iterates are π_{t}, π_{t−1}, …: the anchor and H − 1 older versions (v0 at the start)
-    older = len(loss_config.weights) - 1 if algorithm == "mnpo" else 0
+    loss_config = config.solver.loss_config()
+    # the past iterates a loss reads besides the anchor π_t (MNPO: π_{t−1}, …, π_{t−H+1}; v0 at the start)
+    older = algorithm.older_iterates(loss_config)
     history = [version(max(r, 0)) for r in range(round - 2, round - 2 - older, -1)]
     for v in ["v0", *history]:
         if v not in logp:
@@ -87,7 +86,7 @@ def update_causal_lm(store: Store, config: CampaignConfig, world: World, *, roun
     def pair_of(v, r):
         return (float(logp[v][r.a_id]), float(logp[v][r.b_id]))
 
-    examples = per_response_examples(pairs, rows, logp, anchor_version, finished, tokens, set(ids)) if algorithm in ONE_RESPONSE else [
+    examples = per_response_examples(pairs, rows, logp, anchor_version, finished, tokens, set(ids)) if algorithm.per_response else [
         Example(
             prompt=r.prompt,
             y=rows.at[r.a_id, "text"],
@@ -104,7 +103,7 @@ def update_causal_lm(store: Store, config: CampaignConfig, world: World, *, roun
     ]
     t = config.trainer
     trainer_config = TrainerConfig(
-        loss=algorithm,
+        loss=algorithm.name,
         loss_config=loss_config,
         lr=t.lr,
         micro_batch_size=t.micro_batch_size,

@@ -39,7 +39,7 @@ from data import Store
 from oracles.cascade import Budget, Cascade, Confident, OrdersAgree, Stage
 from oracles.learned import LearnedOracle
 from oracles.protocol import NOT_JUDGED, Judgment, Pair, make_oracle_id
-from pipelines.components import World, campaign_oracle_ids, local_folder, machine_oracle, machine_oracle_id, phases, publish_folder, sampling_policy, version, worth_retrying
+from pipelines.components import World, campaign_oracle_ids, local_folder, machine_oracle, machine_oracle_id, publish_folder, sampling_policy, version, worth_retrying
 from pipelines.config import CampaignConfig
 
 MODELS = "preference_models"
@@ -278,7 +278,7 @@ class CampaignCascade:
             return self._phases[(round, sampled)]
         cfg = self.config.oracle
         learned, model_version = self._model(round)
-        n, k = len(phases(self.config)), int(sampled == version(round, "midpoint"))
+        n, k = len(self.config.solver.entry.phases), int(sampled == version(round, "midpoint"))
         budgets = {"judge": _share(cfg.budget.pairs, cfg.budget.usd, cfg.budget.usd_per_pair, k, n)}
         over_budget = "pass_on" if cfg.people else "stop"  # people take the judge's overflow
         stages = [

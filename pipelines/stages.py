@@ -25,7 +25,6 @@ from pipelines.components import (
     load_policy,
     mixture_version,
     save_checkpoint,
-    solver_params,
     version,
 )
 from pipelines.config import CampaignConfig
@@ -179,10 +178,11 @@ def update_policy(store: Store, config: CampaignConfig, world: World, *, round: 
 
         return update_causal_lm(store, config, world, round=round, phase=phase, sampled_version=sampled_version, oracle_ids=oracle_ids)
     anchor = load_policy(store, version(round - 1), config, world)
-    two_phase = phase == "update" and config.solver.algorithm in tabular.TWO_PHASE
+    algorithm = config.solver.entry
+    two_phase = phase == "update" and algorithm.half_step is not None
     midpoint = load_policy(store, version(round, "midpoint"), config, world) if two_phase else None
     judged = judged_pairs(store, oracle_ids=oracle_ids, up_to_round=round)
-    policy = anchor.update(judged, solver_params(config), phase, midpoint)
+    policy = anchor.update(judged, algorithm, config.solver.tabular_params(), phase, midpoint)
     path = save_checkpoint(store, new, policy.save)
     return {"version": new, "checkpoint": path, "judged_pairs_used": len(judged)}
 
@@ -190,13 +190,13 @@ def update_policy(store: Store, config: CampaignConfig, world: World, *, round: 
 def ground_truth_metrics(policy, world: World, config: CampaignConfig, round: int) -> dict:
     """How far the policy is from the regularized Nash equilibrium of each prompt's true game, next to
     the exact solver after the same number of iterations (the best the stochastic update can do)."""
-    beta, params = config.solver.beta, solver_params(config)
+    algorithm, params = config.solver.entry, config.solver.tabular_params()
+    beta = params.beta
     rows = defaultdict(list)
     for prompt, P in world.games.items():
         pi, mu = policy.distribution(prompt), policy.reference(prompt)
         star = tabular.regularized_nash(P, mu, beta).pi
-        exact = tabular.solve(P, mu, beta, params.algorithm, round, params.eta, history=params.history, weights=params.weights, schedule=params.schedule)
-        exact_pi = exact.average[-1] if params.algorithm == "sppo" else exact.last
+        exact_pi = algorithm.final(tabular.run(P, mu, algorithm.exact_step, params, round))
         rows["eval/duality_gap"].append(tabular.duality_gap(pi, P, mu, beta))
         rows["eval/duality_gap_exact_solver"].append(tabular.duality_gap(exact_pi, P, mu, beta))
         rows["eval/exploitability"].append(tabular.duality_gap(pi, P))

@@ -20,8 +20,8 @@ response and exact preferences: minimized over pairs from π_t, INPO, MNPO and t
 exactly the updates of ``solvers/tabular.py``; online IPO and EGPO are minimized by the regularized best
 response π ∝ μ exp(Pπ_t/β), and one gradient step on them is a mirror-descent step.
 
-A trainer dispatches on :data:`LOSSES` (name → function, config class, phases, metrics; the tensor
-names it needs are ``LOSSES[name].inputs``) or calls :func:`compute`.
+Which algorithm uses which loss is said once, in ``solvers/algorithms.py``; a trainer calls
+:func:`compute` with the algorithm's :class:`LossSpec`.
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ class EGPOConfig:
 @dataclass(frozen=True)
 class NashMPConfig:
     """Nash-MP, prox form. ``eta``: η > 0, the prox step; ``beta``: β ≥ 0, the KL-to-reference weight.
-    ηβ is the paper's η_p (as in ``tabular._prox``). η = 2 is the tabular default (ηL = 1)."""
+    ηβ is the paper's η_p (as in ``tabular.prox_step``). η = 2 is the tabular default (ηL = 1)."""
 
     eta: float = 2.0
     beta: float = 0.1
@@ -222,12 +222,12 @@ def mnpo(delta: Tensor, delta_ref: Tensor, delta_hist: Tensor, p_hat: Tensor, cf
         ℓ(y, y') = (h(y, y') − 1/(2η))²      on (winner y, loser y'), soft labels as in INPO.
 
     Over pairs from π_t its minimizer is log π = ρ log μ + (1 − ρ) Σ_j λ̄_j log π_{t−j} + (1/η) P π_t
-    + const, the MNPO step of ``tabular.step``. Its fixed point is the β-regularized equilibrium with
+    + const, the step of ``tabular.mnpo_step``. Its fixed point is the β-regularized equilibrium with
     β = ρη (η = 0.0075, ρ = 1/3 give β = 0.0025, INPO's default τ).
 
     Shapes: delta, delta_ref, p_hat: (batch,); delta_hist: (batch, H), column j = Δ_{t−j}, column 0 the
     current iterate π_t (H = len(cfg.weights)); before H iterates exist, repeat the oldest column, as
-    ``tabular.step`` does. Metrics loss/mnpo, pref/p_hat, pref/margin.
+    ``tabular.mnpo_step`` does. Metrics loss/mnpo, pref/p_hat, pref/margin.
     """
     _same_shape(delta=delta, delta_ref=delta_ref, p_hat=p_hat)
     if delta_hist.shape != (*delta.shape, cfg.history):
@@ -272,7 +272,7 @@ def nash_mp(
         ℓ(y, y', y'') = (Δ_θ − target)²
 
     whose minimizer is log π = (log π_k + ηβ log μ + η P π_opp)/(1 + ηβ) + const, the prox step
-    ``tabular.half_step("nash_mp", …)`` (ηβ is the paper's η_p). A round uses it twice, both times
+    ``tabular.prox_step`` (ηβ is the paper's η_p). A round uses it twice, both times
     anchored at π_k: opponent π_k (gives the midpoint π_{k+½}), then opponent π_{k+½}. This form is
     derived from the mirror-prox update; it is not the paper's language-model recipe.
 
@@ -370,18 +370,16 @@ def dpo(delta: Tensor, delta_ref: Tensor, p_hat: Tensor, cfg: DPOConfig = DPOCon
     return loss, _metrics("dpo", loss, {"pref/p_hat": p_hat, "pref/margin": margin})
 
 
-# ----- the registry a trainer dispatches on ---------------------------------------------------------------
+# ----- what a trainer needs to call a loss -----------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class LossSpec:
-    """A loss as the trainer sees it: the function, its config class, how many sample-judge-update
-    phases a round needs (2 for the extragradient methods: a midpoint, then the step from the anchor)
-    and the metrics it reports."""
+    """A loss as the trainer sees it: the function, its config class and the metrics it reports. Each
+    algorithm's entry in ``solvers/algorithms.py`` holds its loss's spec."""
 
     fn: Callable[..., LossOutput]
     config: type
-    phases: int
     metrics: tuple[str, ...]
 
     @property
@@ -390,26 +388,9 @@ class LossSpec:
         return tuple(p for p in inspect.signature(self.fn).parameters if p != "cfg")
 
 
-LOSSES: dict[str, LossSpec] = {
-    "inpo": LossSpec(inpo, INPOConfig, 1, ("loss/inpo", "pref/p_hat", "pref/margin")),
-    "mnpo": LossSpec(mnpo, MNPOConfig, 1, ("loss/mnpo", "pref/p_hat", "pref/margin")),
-    "egpo": LossSpec(egpo, EGPOConfig, 2, ("loss/egpo", "pref/advantage", "pref/margin")),
-    "nash_mp": LossSpec(nash_mp, NashMPConfig, 2, ("loss/nash_mp", "pref/advantage", "pref/margin", "pref/target")),
-    "nash_md": LossSpec(nash_md, NashMDConfig, 1, ("loss/nash_md", "pref/p_hat", "kl/ref")),
-    "online_ipo": LossSpec(online_ipo, OnlineIPOConfig, 1, ("loss/online_ipo", "pref/p_hat", "pref/margin")),
-    "sppo": LossSpec(sppo, SPPOConfig, 1, ("loss/sppo", "pref/win_rate", "pref/margin")),
-    "dpo": LossSpec(dpo, DPOConfig, 1, ("loss/dpo", "pref/p_hat", "pref/margin")),
-}
-
-
-def make_config(name: str, **overrides):
-    """The config of loss ``name`` with ``overrides`` applied (unknown names raise TypeError)."""
-    return _spec(name).config(**overrides)
-
-
-def compute(name: str, tensors: Mapping[str, Tensor], cfg=None) -> LossOutput:
-    """Run loss ``name`` on the tensors it needs from ``tensors`` (extra entries are ignored)."""
-    spec = _spec(name)
+def compute(spec: LossSpec, tensors: Mapping[str, Tensor], cfg=None) -> LossOutput:
+    """Run the loss of ``spec`` on the tensors it needs from ``tensors`` (extra entries are ignored)."""
+    name = spec.fn.__name__
     missing = [k for k in spec.inputs if k not in tensors]
     if missing:
         raise KeyError(f"{name} needs tensors {list(spec.inputs)}; missing {missing}")
@@ -417,9 +398,3 @@ def compute(name: str, tensors: Mapping[str, Tensor], cfg=None) -> LossOutput:
     if not isinstance(cfg, spec.config):
         raise TypeError(f"{name} takes a {spec.config.__name__}, got {type(cfg).__name__}")
     return spec.fn(*(tensors[k] for k in spec.inputs), cfg=cfg)
-
-
-def _spec(name: str) -> LossSpec:
-    if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)}")
-    return LOSSES[name]

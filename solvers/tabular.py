@@ -8,6 +8,9 @@ against π. The β-regularized game has a unique equilibrium π* with
 
 Every update is written on log-policies, so that the same formulas serve the exact solver here (g = P π)
 and the stochastic tabular policy of the pipelines (g = P̂ π with P̂ estimated from judged pairs).
+
+Nothing here knows an algorithm by name: each algorithm's exact step is a function below, and
+``solvers/algorithms.py`` says which algorithm uses which (its registry entry).
 """
 
 from __future__ import annotations
@@ -16,9 +19,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
 import numpy as np
-
-ALGORITHMS = ("nash_mp", "egpo", "inpo", "mnpo", "nash_md", "onpo", "sppo")
-TWO_PHASE = ("nash_mp", "egpo")  # extragradient-style: a midpoint, then the step from the anchor
 
 
 def normalize(l: np.ndarray) -> np.ndarray:
@@ -66,7 +66,7 @@ def regularized_nash(P: np.ndarray, mu: np.ndarray, beta: float, *, tol: float =
     l, it = normalize(log_mu.copy()), 0
     residual = fixed_point_residual(np.exp(l), P, mu, beta)
     while residual > max(tol, 1e-6) and it < max_iterations:
-        l = _prox(l, log_mu, P @ np.exp(_prox(l, log_mu, P @ np.exp(l), 2.0, beta)), 2.0, beta)
+        l = prox_step(l, log_mu, P @ np.exp(prox_step(l, log_mu, P @ np.exp(l), 2.0, beta)), 2.0, beta)
         it += 1
         residual = fixed_point_residual(np.exp(l), P, mu, beta)
     for _ in range(30):
@@ -108,20 +108,10 @@ def mirror_step(l: np.ndarray, log_mu: np.ndarray, g: np.ndarray, step: float, b
     return normalize((1 - step * beta) * l + step * beta * log_mu + step * g)
 
 
-def _prox(l: np.ndarray, log_mu: np.ndarray, g: np.ndarray, eta: float, beta: float) -> np.ndarray:
+def prox_step(l: np.ndarray, log_mu: np.ndarray, g: np.ndarray, eta: float, beta: float) -> np.ndarray:
     """Nash-MP's proximal half-step, KL-to-μ kept inside the prox (arXiv 2505.19731):
     ℓ' = (ℓ + ηβ log μ + η g)/(1 + ηβ), normalized. The paper's η_p is our ηβ."""
     return normalize((l + eta * beta * log_mu + eta * g) / (1 + eta * beta))
-
-
-def half_step(algorithm: str, l_anchor: np.ndarray, log_mu: np.ndarray, g: np.ndarray, beta: float, eta: float) -> np.ndarray:
-    """One half of a two-phase (extragradient) iteration, always taken from the anchor ℓ_t: with
-    g = P π_t it gives the midpoint, with g = P π_{t+½} the next iterate."""
-    if algorithm == "nash_mp":
-        return _prox(l_anchor, log_mu, g, eta, beta)
-    if algorithm == "egpo":
-        return mirror_step(l_anchor, log_mu, g, eta, beta)
-    raise ValueError(f"{algorithm!r} is not a two-phase algorithm; those are {TWO_PHASE}")
 
 
 def geometric_mixture(l: np.ndarray, log_mu: np.ndarray, weight: float) -> np.ndarray:
@@ -131,30 +121,27 @@ def geometric_mixture(l: np.ndarray, log_mu: np.ndarray, weight: float) -> np.nd
 
 @dataclass
 class Params:
-    """An algorithm and its step sizes. ``eta`` is the algorithm's own step parameter (for MNPO its
-    inverse step, as in the paper); None takes the default of :func:`default_eta`."""
+    """The settings of an exact step. ``eta`` is the algorithm's own step parameter (a step size, or
+    for MNPO the inverse step, as in its paper); ``solvers.algorithms`` fills in each algorithm's default."""
 
-    algorithm: str
     beta: float
-    eta: float | None = None
-    history: int = 2  # MNPO: number of past iterates H
+    eta: float
+    history: int = 2  # past iterates kept in State.history (MNPO's H)
     weights: tuple[float, ...] | None = None  # MNPO: λ_1..λ_H, normalized to sum 1; None = uniform
     schedule: str = "constant"  # Nash-MD: "constant" or "decay" (η_t = 2/(β(t+2)))
 
     def __post_init__(self):
-        if self.algorithm not in ALGORITHMS:
-            raise ValueError(f"unknown algorithm {self.algorithm!r}; choose one of {ALGORITHMS}")
         if not self.beta > 0:
             raise ValueError(f"beta must be > 0, got {self.beta}")
-        if self.eta is None:
-            self.eta = default_eta(self.algorithm, self.beta)
-        if self.algorithm == "mnpo":
-            if self.weights is None:
-                self.weights = (1.0,) * self.history
-            if len(self.weights) != self.history or min(self.weights) < 0 or sum(self.weights) <= 0:
-                raise ValueError(f"mnpo: weights must be {self.history} non-negative numbers with a positive sum, got {self.weights}")
-            if not 0 < self.rho <= 1:
-                raise ValueError(f"mnpo: ρ = β/η = {self.rho} must lie in (0, 1]; raise eta")
+        if not self.eta > 0:
+            raise ValueError(f"eta must be > 0, got {self.eta}")
+        if self.history < 1:
+            raise ValueError(f"history must be ≥ 1, got {self.history}")
+        if self.weights is None:
+            self.weights = (1.0,) * self.history
+        self.weights = tuple(float(w) for w in self.weights)
+        if len(self.weights) != self.history or min(self.weights) < 0 or sum(self.weights) <= 0:
+            raise ValueError(f"weights must be {self.history} (history) non-negative numbers with a positive sum, got {self.weights}")
         if self.schedule not in ("constant", "decay"):
             raise ValueError(f"schedule must be 'constant' or 'decay', got {self.schedule!r}")
 
@@ -167,17 +154,12 @@ class Params:
         w = np.asarray(self.weights, float)
         return w / w.sum()
 
-    def nash_md_eta(self, t: int) -> float:
-        return 2.0 / (self.beta * (t + 2)) if self.schedule == "decay" else self.eta
 
-
-def default_eta(algorithm: str, beta: float) -> float:
-    """Default steps. Nash-MP: η = 2 (ηL = 1 for the ½-Lipschitz P − ½). EGPO: η = 1/(1+β).
-    Single-call methods: s = β/(β² + ¼) — near P π*, the iteration matrix is (1 − sβ)I + sA with A's
-    eigenvalues imaginary and of modulus at most ½; that s minimizes |1 − sβ + i s/2|. SPPO: η = 1.
-    MNPO's η is the inverse step, so it is 1/s."""
-    s = beta / (beta**2 + 0.25)
-    return {"nash_mp": 2.0, "egpo": 1.0 / (1.0 + beta), "sppo": 1.0, "mnpo": 1.0 / s}.get(algorithm, s)
+def single_call_step(beta: float) -> float:
+    """The default step of the single-call methods (INPO, ONPO, Nash-MD), s = β/(β² + ¼): near P π*,
+    the iteration matrix is (1 − sβ)I + sA with A's eigenvalues imaginary and of modulus at most ½;
+    that s minimizes |1 − sβ + i s/2|."""
+    return beta / (beta**2 + 0.25)
 
 
 @dataclass
@@ -194,44 +176,73 @@ class State:
         return np.exp(self.l)
 
 
-def opponent(params: Params, state: State, log_mu: np.ndarray) -> np.ndarray:
-    """The log-policy the pairs of an iteration's first phase are drawn from (π_t, or Nash-MD's mixture)."""
-    if params.algorithm == "nash_md":
-        return geometric_mixture(state.l, log_mu, params.nash_md_eta(state.t) * params.beta)
-    return state.l
+def _advance(params: Params, state: State, l: np.ndarray, **changes) -> State:
+    """The next state: ℓ_{t+1} = ``l``, the current ℓ_t pushed onto the history."""
+    return replace(state, l=l, t=state.t + 1, history=[state.l, *state.history][: params.history], **changes)
 
 
-def step(params: Params, state: State, log_mu: np.ndarray, win_rate: Callable[[np.ndarray], np.ndarray]) -> State:
-    """One iteration. ``win_rate(π)`` returns P π (exact) or an estimate of it."""
-    a, beta, eta, l = params.algorithm, params.beta, params.eta, state.l
-    nxt = replace(state, t=state.t + 1, history=[l, *state.history][: params.history])
-    if a in TWO_PHASE:
-        mid = half_step(a, l, log_mu, win_rate(np.exp(l)), beta, eta)
-        nxt.l = half_step(a, l, log_mu, win_rate(np.exp(mid)), beta, eta)
-    elif a == "inpo":
-        nxt.l = mirror_step(l, log_mu, win_rate(np.exp(l)), eta, beta)
-    elif a == "onpo":
-        g = win_rate(np.exp(l))
-        g_prev = g if state.g_prev is None else state.g_prev
-        nxt.l, nxt.g_prev = mirror_step(l, log_mu, 2 * g - g_prev, eta, beta), g
-    elif a == "mnpo":
-        # ℓ_{t+1} = ρ log μ + (1−ρ) Σ_j λ̄_j ℓ_{t−j} + (1/η) P π_t (arXiv 2509.23102); before H
-        # iterates exist, the oldest one stands in for the missing ones.
-        past = [l, *state.history][: params.history]
-        past += [past[-1]] * (params.history - len(past))
-        mix = sum(w * p for w, p in zip(params.lambdas(), past))
-        nxt.l = normalize(params.rho * log_mu + (1 - params.rho) * mix + win_rate(np.exp(l)) / eta)
-    elif a == "nash_md":
-        l_mix = opponent(params, state, log_mu)
-        nxt.l = normalize(l_mix + params.nash_md_eta(state.t) * win_rate(np.exp(l_mix)))
-    elif a == "sppo":
-        nxt.l = normalize(l + eta * win_rate(np.exp(l)))
-    return nxt
+WinRate = Callable[[np.ndarray], np.ndarray]  # π ↦ P π (exact) or an estimate of it
 
 
-def iterate(P: np.ndarray, mu: np.ndarray, params: Params, pi0: np.ndarray | None = None) -> Iterator[np.ndarray]:
-    """π_0, π_1, … of the exact dynamics (endless; take what you need)."""
+def inpo_step(params: Params, state: State, log_mu: np.ndarray, win_rate: WinRate) -> State:
+    """INPO (arXiv 2407.00617): online mirror descent, ℓ' = (1 − sβ) ℓ + sβ log μ + s Pπ_t, s = ``eta``."""
+    return _advance(params, state, mirror_step(state.l, log_mu, win_rate(state.pi), params.eta, params.beta))
+
+
+def onpo_step(params: Params, state: State, log_mu: np.ndarray, win_rate: WinRate) -> State:
+    """Optimistic online mirror descent: the mirror step with the extrapolated gradient 2 g_t − g_{t−1}."""
+    g = win_rate(state.pi)
+    g_prev = g if state.g_prev is None else state.g_prev
+    return _advance(params, state, mirror_step(state.l, log_mu, 2 * g - g_prev, params.eta, params.beta), g_prev=g)
+
+
+def mnpo_step(params: Params, state: State, log_mu: np.ndarray, win_rate: WinRate) -> State:
+    """MNPO (arXiv 2509.23102): ℓ_{t+1} = ρ log μ + (1−ρ) Σ_j λ̄_j ℓ_{t−j} + (1/η) P π_t, ρ = β/η.
+    Before H iterates exist, the oldest one stands in for the missing ones."""
+    past = [state.l, *state.history][: params.history]
+    past += [past[-1]] * (params.history - len(past))
+    mix = sum(w * p for w, p in zip(params.lambdas(), past))
+    return _advance(params, state, normalize(params.rho * log_mu + (1 - params.rho) * mix + win_rate(state.pi) / params.eta))
+
+
+def nash_md_eta(params: Params, t: int) -> float:
+    """Nash-MD's step at iteration t: ``eta``, or 2/(β(t+2)) with the decaying schedule."""
+    return 2.0 / (params.beta * (t + 2)) if params.schedule == "decay" else params.eta
+
+
+def nash_md_opponent(params: Params, state: State, log_mu: np.ndarray) -> np.ndarray:
+    """The log-policy Nash-MD's pairs are drawn from: the geometric mixture π_t^{1−ηβ} μ^{ηβ}."""
+    return geometric_mixture(state.l, log_mu, nash_md_eta(params, state.t) * params.beta)
+
+
+def nash_md_step(params: Params, state: State, log_mu: np.ndarray, win_rate: WinRate) -> State:
+    """Nash-MD (arXiv 2312.00886): ℓ_{t+1} = ℓ_mix + η_t P π_mix, ℓ_mix the geometric mixture."""
+    l_mix = nash_md_opponent(params, state, log_mu)
+    return _advance(params, state, normalize(l_mix + nash_md_eta(params, state.t) * win_rate(np.exp(l_mix))))
+
+
+def sppo_step(params: Params, state: State, log_mu: np.ndarray, win_rate: WinRate) -> State:
+    """SPPO (arXiv 2405.00675): multiplicative weights, ℓ_{t+1} = ℓ_t + η P π_t (μ only as π_0)."""
+    return _advance(params, state, normalize(state.l + params.eta * win_rate(state.pi)))
+
+
+HalfStep = Callable[[np.ndarray, np.ndarray, np.ndarray, float, float], np.ndarray]  # (ℓ_anchor, log μ, g, η, β) ↦ ℓ'
+
+
+def extragradient_step(half: HalfStep, params: Params, state: State, log_mu: np.ndarray, win_rate: WinRate) -> State:
+    """Both halves of a two-phase iteration, each taken from the anchor ℓ_t: the midpoint with
+    g = P π_t, then the next iterate with g = P π_{t+½} (Nash-MP: ``prox_step``; EGPO: ``mirror_step``)."""
+    mid = half(state.l, log_mu, win_rate(state.pi), params.eta, params.beta)
+    return _advance(params, state, half(state.l, log_mu, win_rate(np.exp(mid)), params.eta, params.beta))
+
+
+Step = Callable[[Params, State, np.ndarray, WinRate], State]
+
+
+def iterate(P: np.ndarray, mu: np.ndarray, step: Step, params: Params, pi0: np.ndarray | None = None) -> Iterator[np.ndarray]:
+    """π_0, π_1, … of the exact dynamics of ``step`` (endless; take what you need)."""
     log_mu = np.log(np.asarray(mu, float))
+    P = np.asarray(P, float)
     state = State(normalize(np.log(pi0) if pi0 is not None else log_mu.copy()))
     while True:
         yield state.pi
@@ -249,10 +260,9 @@ class Solution:
         return self.policies[-1]
 
 
-def solve(P: np.ndarray, mu: np.ndarray, beta: float, algorithm: str, iterations: int, eta: float | None = None, **options) -> Solution:
-    """Run ``iterations`` exact iterations of ``algorithm`` from π_0 = μ; returns every iterate."""
-    params = Params(algorithm, beta, eta, **options)
-    it = iterate(np.asarray(P, float), mu, params)
+def run(P: np.ndarray, mu: np.ndarray, step: Step, params: Params, iterations: int) -> Solution:
+    """``iterations`` exact iterations of ``step`` from π_0 = μ; every iterate and the running averages."""
+    it = iterate(P, mu, step, params)
     policies = np.stack([next(it) for _ in range(iterations + 1)])
     average = np.cumsum(policies, axis=0) / np.arange(1, iterations + 2)[:, None]
     return Solution(policies, average, params)

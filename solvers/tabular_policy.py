@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from solvers import tabular
+from solvers.algorithms import Algorithm
 from solvers.policy import Sample
 
 
@@ -117,7 +118,7 @@ class TabularPolicy:
         return self.states[prompt]
 
     # ----- the update --------------------------------------------------------------------------------
-    def update(self, judged: list[Judged], params: tabular.Params, phase: str, midpoint: "TabularPolicy | None" = None) -> "TabularPolicy":
+    def update(self, judged: list[Judged], algorithm: Algorithm, params: tabular.Params, phase: str, midpoint: "TabularPolicy | None" = None) -> "TabularPolicy":
         """The next policy from this (anchor) policy and P̂ of the judged pairs.
 
         phase="midpoint" (two-phase solvers): π_{t+½} from g = P̂ π_t.
@@ -127,22 +128,22 @@ class TabularPolicy:
         by_prompt: dict[str, list[Judged]] = {}
         for j in judged:
             by_prompt.setdefault(j.prompt, []).append(j)
-        two_phase = params.algorithm in tabular.TWO_PHASE
-        if phase == "midpoint" and not two_phase:
-            raise ValueError(f"{params.algorithm} has no midpoint phase")
-        if phase == "update" and two_phase and midpoint is None:
-            raise ValueError(f"{params.algorithm}: the update phase needs the midpoint policy")
+        half = algorithm.half_step
+        if phase == "midpoint" and half is None:
+            raise ValueError(f"{algorithm.name} has no midpoint phase")
+        if phase == "update" and half is not None and midpoint is None:
+            raise ValueError(f"{algorithm.name}: the update phase needs the midpoint policy")
         states = {}
         for prompt, state in self.states.items():
             P_hat = estimate_preferences(self.responses[prompt], by_prompt.get(prompt, []))
             log_mu = self.log_mu[prompt]
             if phase == "midpoint":
-                l = tabular.half_step(params.algorithm, state.l, log_mu, P_hat @ state.pi, params.beta, params.eta)
+                l = half(state.l, log_mu, P_hat @ state.pi, params.eta, params.beta)
                 states[prompt] = tabular.State(l, state.t, state.history, state.g_prev)
-            elif two_phase:
+            elif half is not None:
                 g = P_hat @ midpoint.distribution(prompt)
-                l = tabular.half_step(params.algorithm, state.l, log_mu, g, params.beta, params.eta)
+                l = half(state.l, log_mu, g, params.eta, params.beta)
                 states[prompt] = tabular.State(l, state.t + 1, [state.l, *state.history][: params.history], state.g_prev)
             else:
-                states[prompt] = tabular.step(params, state, log_mu, lambda pi, P=P_hat: P @ pi)
+                states[prompt] = algorithm.step(params, state, log_mu, lambda pi, P=P_hat: P @ pi)
         return TabularPolicy(self.responses, self.log_mu, states)

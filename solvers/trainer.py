@@ -19,7 +19,7 @@ per-pair losses over the global batch whatever the split, so one process with gr
 processes with grad_accum = 1 follow the same loss curve.
 
 Metrics per step (and their means over the update in ``UpdateResult.summary``):
-  loss/<name>, pref/… — the loss's own (see ``solvers.losses.LOSSES[name].metrics``)
+  loss/<name>, pref/… — the loss's own (see ``solvers.algorithms.ALGORITHMS[name].loss.metrics``)
   kl/ref              — mean over the responses scored of log π_θ(y|x) − log μ(y|x) (y ~ π_t: ≈ KL(π_t‖μ))
   kl/anchor           — mean of log π_θ(y|x) − log π_t(y|x): how far the update has moved (when π_t is cached)
   optim/lr, optim/grad_norm (before clipping)
@@ -41,13 +41,9 @@ import torch
 import torch.distributed as dist
 
 from data.keys import stable_hash
+from solvers import algorithms, losses
 from solvers import checkpoint as ckpt
-from solvers import losses
 from solvers.causal_lm import CausalLMPolicy, pack, sequence_logprobs
-
-# Losses that score one response per example (SPPO: per response; Nash-MD: only y ~ π_θ carries the
-# gradient, y' from the mixture enters through P̂). All others score y and y'.
-ONE_RESPONSE = ("sppo", "nash_md")
 
 
 @dataclass(frozen=True)
@@ -103,11 +99,11 @@ class StepConfig:
 @dataclass(frozen=True)
 class TrainerConfig(StepConfig):
     """How one policy update runs: the loss, and the fields of :class:`StepConfig`. A pair in
-    ``micro_batch_size`` is 2 sequences (1 for SPPO and Nash-MD); ``lr``'s default is at LLM scale (a tiny
-    random model wants ~1e-3)."""
+    ``micro_batch_size`` is 2 sequences (1 for the per-response algorithms, SPPO and Nash-MD); ``lr``'s
+    default is at LLM scale (a tiny random model wants ~1e-3)."""
 
-    loss: str = "inpo"  # a loss of solvers.losses.LOSSES
-    loss_config: Any = None  # its config, e.g. losses.make_config("inpo", eta=0.01); None: the loss's defaults
+    loss: str = "inpo"  # an algorithm of solvers.algorithms with a language-model loss
+    loss_config: Any = None  # its loss's config, e.g. losses.INPOConfig(eta=0.01); None: the loss's defaults
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
     compile: bool = False  # torch.compile the policy's forward (CUDA; first steps slower)
 
@@ -115,18 +111,20 @@ class TrainerConfig(StepConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        spec = losses.LOSSES.get(self.loss)
-        if spec is None:
-            raise ValueError(f"unknown loss {self.loss!r}; choose one of {sorted(losses.LOSSES)}")
+        spec = self.algorithm.loss
         if self.loss_config is not None and not isinstance(self.loss_config, spec.config):
             raise TypeError(f"loss_config for {self.loss} must be a {spec.config.__name__}, got {type(self.loss_config).__name__}")
-        if self.loss == "nash_md" and self.loss_cfg.kl == "token":
-            raise ValueError("nash_md with kl='token' needs per-token reference log-probs; the log-prob cache keeps sequence sums: use kl='sequence'")
+        if "ref_logp_tokens" in spec.inputs and getattr(self.loss_cfg, "kl", None) == "token":
+            raise ValueError(f"{self.loss} with kl='token' needs per-token reference log-probs; the log-prob cache keeps sequence sums: use kl='sequence'")
+
+    @property
+    def algorithm(self) -> algorithms.Algorithm:
+        return algorithms.with_loss(self.loss)
 
     @property
     def loss_cfg(self):
         """The loss's config (its defaults when ``loss_config`` is None)."""
-        return self.loss_config if self.loss_config is not None else losses.make_config(self.loss)
+        return self.loss_config if self.loss_config is not None else self.algorithm.loss.config()
 
 
 @dataclass(frozen=True)
@@ -137,7 +135,7 @@ class Example:
 
     Which fields a loss needs: all but SPPO: ``ref_logp``; INPO, MNPO, Nash-MP, SPPO: ``prev_logp``;
     MNPO: ``older_logp`` (fewer than H − 1 older iterates: the oldest given is repeated, as
-    ``tabular.step`` does); EGPO, Nash-MP: ``p_hat_other``. SPPO and Nash-MD score y only (y_other may
+    ``tabular.mnpo_step`` does); EGPO, Nash-MP: ``p_hat_other``. SPPO and Nash-MD score y only (y_other may
     be None); SPPO's ``p_hat`` is the win-rate P̂(y ≻ π_t) averaged over the prompt's other samples.
     """
 
@@ -279,7 +277,7 @@ def train_step(state: UpdateState, batch: list[int]) -> dict[str, float]:
             logp = logp.view(data.responses, len(rows)).T  # (rows, 1 or 2): column 0 is y, column 1 is y'
             # loss: Δ_θ = log π_θ(y) − log π_θ(y') against the cached Δ_ref, Δ_t, … and P̂
             inputs = data.loss_inputs(logp, rows)
-            per_pair, metrics = losses.compute(cfg.loss, inputs, cfg.loss_cfg)
+            per_pair, metrics = losses.compute(cfg.algorithm.loss, inputs, cfg.loss_cfg)
             loss = per_pair.sum() * (state.world / n if real else 0.0)  # the mean over the global batch, after DDP's average
             # backward
             loss.backward()
@@ -444,8 +442,8 @@ def encode_examples(policy: CausalLMPolicy, examples: Sequence[Example], config:
     tokens) and gather the cached quantities the loss needs; refuses an example that lacks one."""
     if not examples:
         raise ValueError("update: no examples")
-    name, spec = config.loss, losses.LOSSES[config.loss]
-    k = 1 if name in ONE_RESPONSE else 2
+    name, spec = config.loss, config.algorithm.loss
+    k = 1 if config.algorithm.per_response else 2
     for i, e in enumerate(examples):
         for inp in spec.inputs:
             for f in _NEEDS.get(inp, ()):
@@ -478,10 +476,10 @@ def encode_examples(policy: CausalLMPolicy, examples: Sequence[Example], config:
         cached["prev_logp"] = prev[:, 0]
         if k == 2:
             cached["delta_prev"] = prev[:, 0] - prev[:, 1]
-            if name == "mnpo":  # columns Δ_t, Δ_{t−1}, …, Δ_{t−H+1}; the oldest known repeated
+            if "delta_hist" in spec.inputs:  # MNPO: columns Δ_t, Δ_{t−1}, …, Δ_{t−H+1}; the oldest known repeated
                 for i, e in enumerate(examples):
                     if any(len(lp) < 2 for lp in e.older_logp):
-                        raise ValueError(f"mnpo: older_logp holds (log π_{{t−j}}(y), log π_{{t−j}}(y')) pairs; example {i} ({e.id or 'no id'}) has {e.older_logp!r}")
+                        raise ValueError(f"{name}: older_logp holds (log π_{{t−j}}(y), log π_{{t−j}}(y')) pairs; example {i} ({e.id or 'no id'}) has {e.older_logp!r}")
                 older = [[(lp[0] - lp[1]) for lp in e.older_logp] for e in examples]
                 H = config.loss_cfg.history
                 cols = [[d] + o for d, o in zip(cached["delta_prev"].tolist(), older)]

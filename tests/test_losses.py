@@ -14,6 +14,7 @@ import torch
 from torch.testing import assert_close
 
 from oracles.games import random_game
+from solvers import algorithms as A
 from solvers import losses as L
 from solvers import tabular as T
 
@@ -117,7 +118,7 @@ def _inputs(name: str, batch: int = 4, seed: int = 0) -> dict[str, torch.Tensor]
     g = torch.Generator().manual_seed(seed)
     shapes = {"delta_hist": (batch, 2), "logp_tokens": (batch, 3), "ref_logp_tokens": (batch, 3), "mask": (batch, 3)}
     out = {}
-    for k in L.LOSSES[name].inputs:
+    for k in A.get(name).loss.inputs:
         x = torch.randn(shapes.get(k, (batch,)), generator=g, dtype=F64)
         if k in ("p_hat", "p_hat_other", "win_rate"):
             x = torch.rand(batch, generator=g, dtype=F64)
@@ -130,11 +131,14 @@ def _inputs(name: str, batch: int = 4, seed: int = 0) -> dict[str, torch.Tensor]
     return out
 
 
-@pytest.mark.parametrize("name", sorted(L.LOSSES))
+WITH_LOSS = sorted(n for n, a in A.ALGORITHMS.items() if a.loss is not None)
+
+
+@pytest.mark.parametrize("name", WITH_LOSS)
 def test_registry_dispatch_shapes_and_metrics(name):
-    spec = L.LOSSES[name]
+    spec = A.get(name).loss
     x = _inputs(name)
-    loss, metrics = L.compute(name, {**x, "unused": torch.zeros(1)})
+    loss, metrics = L.compute(spec, {**x, "unused": torch.zeros(1)})
     assert loss.shape == (4,) and loss.dtype == F64
     assert set(metrics) == set(spec.metrics) and f"loss/{name}" in metrics
     assert all(v.shape == () and not v.requires_grad for v in metrics.values())
@@ -144,9 +148,13 @@ def test_registry_dispatch_shapes_and_metrics(name):
     assert "cfg" not in spec.inputs and isinstance(spec.config(), spec.config)
 
 
-def test_registry_names_and_phases_match_the_tabular_solvers():
-    assert set(L.LOSSES) == {"inpo", "mnpo", "egpo", "nash_mp", "nash_md", "online_ipo", "sppo", "dpo"}
-    assert {n for n, s in L.LOSSES.items() if s.phases == 2} == set(T.TWO_PHASE)
+def test_registry_names_losses_and_phases():
+    assert set(WITH_LOSS) == {"inpo", "mnpo", "egpo", "nash_mp", "nash_md", "online_ipo", "sppo", "dpo"}
+    assert {n for n, a in A.ALGORITHMS.items() if a.has_tabular} == {"inpo", "mnpo", "egpo", "nash_mp", "nash_md", "onpo", "sppo"}
+    assert {n for n, a in A.ALGORITHMS.items() if a.phases == ("midpoint", "update")} == {"nash_mp", "egpo"}
+    assert {n for n, a in A.ALGORITHMS.items() if a.per_response} == {"sppo", "nash_md"}
+    # an algorithm's loss is its own: the function and the loss/<name> metric carry the algorithm's name
+    assert all(A.get(n).loss.fn.__name__ == n and A.get(n).loss.metrics[0] == f"loss/{n}" for n in WITH_LOSS)
 
 
 @pytest.mark.parametrize("name", ["inpo", "mnpo", "dpo", "online_ipo", "egpo", "nash_mp"])
@@ -158,7 +166,8 @@ def test_swapping_the_pair_gives_the_same_loss(name):
         swapped["p_hat"], swapped["p_hat_other"] = x["p_hat_other"], x["p_hat"]
     else:
         swapped["p_hat"] = 1 - x["p_hat"]
-    assert_close(L.compute(name, swapped)[0], L.compute(name, x)[0])
+    spec = A.get(name).loss
+    assert_close(L.compute(spec, swapped)[0], L.compute(spec, x)[0])
 
 
 def test_bad_configs_and_inputs_are_refused():
@@ -169,16 +178,18 @@ def test_bad_configs_and_inputs_are_refused():
         lambda: L.MNPOConfig(weights=()),
         lambda: L.EGPOConfig(beta=0),
         lambda: L.NashMDConfig(kl="exact"),
-        lambda: L.make_config("nope"),
+        lambda: A.get("nope"),
+        lambda: A.with_loss("onpo"),
     ):
         with pytest.raises(ValueError):
             make()
     with pytest.raises(TypeError):
-        L.make_config("dpo", eta=1.0)
+        L.DPOConfig(eta=1.0)
+    inpo = A.get("inpo").loss
     with pytest.raises(KeyError, match="delta_prev"):
-        L.compute("inpo", {"delta": t(1), "delta_ref": t(1), "p_hat": t(1)})
+        L.compute(inpo, {"delta": t(1), "delta_ref": t(1), "p_hat": t(1)})
     with pytest.raises(TypeError):
-        L.compute("inpo", _inputs("inpo"), L.DPOConfig())
+        L.compute(inpo, _inputs("inpo"), L.DPOConfig())
     with pytest.raises(ValueError, match="one shape"):
         L.dpo(t(1, 2), t(1, 2).unsqueeze(-1), t(1, 0))
     with pytest.raises(ValueError, match="delta_hist"):
@@ -242,7 +253,7 @@ def test_inpo_minimizer_is_the_tabular_inpo_step(world, cfg):
     P_ij = torch.as_tensor(P)[i, j]
     got = minimize_over_pairs(lambda d: L.inpo(d, diff(log_mu, i, j), diff(l_t, i, j), P_ij, cfg)[0], pi_t[i] * pi_t[j], i, j)
     # tabular's INPO is the mirror step ℓ' = (1 − sβ)ℓ + sβ log μ + s Pπ_t with s = 1/η, β = τ
-    want = T.step(T.Params("inpo", beta=cfg.tau, eta=1 / cfg.eta), T.State(l_t), log_mu, exact_win_rate(P)).l
+    want = T.inpo_step(A.params("inpo", beta=cfg.tau, eta=1 / cfg.eta), T.State(l_t), log_mu, exact_win_rate(P)).l
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-8)
 
 
@@ -255,11 +266,11 @@ def test_mnpo_minimizer_is_the_tabular_mnpo_step(world, cfg):
     P_ij = torch.as_tensor(P)[i, j]
     got = minimize_over_pairs(lambda d: L.mnpo(d, diff(log_mu, i, j), hist, P_ij, cfg)[0], pi_t[i] * pi_t[j], i, j)
     # tabular's MNPO Params take η as the inverse step and the β of the fixed point, β = ρη
-    params = T.Params("mnpo", beta=cfg.rho * cfg.eta, eta=cfg.eta, history=2, weights=cfg.weights)
+    params = A.params("mnpo", beta=cfg.rho * cfg.eta, eta=cfg.eta, history=2, weights=cfg.weights)
     assert params.rho == pytest.approx(cfg.rho)
-    want = T.step(params, T.State(l_t, history=[l_prev]), log_mu, exact_win_rate(P)).l
+    want = T.mnpo_step(params, T.State(l_t, history=[l_prev]), log_mu, exact_win_rate(P)).l
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-8)
-    uniform = T.step(T.Params("mnpo", beta=cfg.rho * cfg.eta, eta=cfg.eta), T.State(l_t, history=[l_prev]), log_mu, exact_win_rate(P)).l
+    uniform = T.mnpo_step(A.params("mnpo", beta=cfg.rho * cfg.eta, eta=cfg.eta), T.State(l_t, history=[l_prev]), log_mu, exact_win_rate(P)).l
     assert np.abs(got - uniform).max() > 1e-3  # so the weights were really used
 
 
@@ -275,9 +286,10 @@ def test_nash_mp_two_prox_steps_are_the_tabular_nash_mp_iteration(world):
         return minimize_over_pairs(loss, pi_opp[i] * pi_opp[j] * pi_opp[k], i, j)
 
     mid = prox(l_k)  # opponent π_k, anchored at π_k
-    np.testing.assert_allclose(mid, T.half_step("nash_mp", l_k, log_mu, P @ np.exp(l_k), cfg.beta, cfg.eta), rtol=0, atol=1e-8)
+    np.testing.assert_allclose(mid, T.prox_step(l_k, log_mu, P @ np.exp(l_k), cfg.eta, cfg.beta), rtol=0, atol=1e-8)
     nxt = prox(mid)  # opponent π_{k+½}, anchored at π_k again
-    want = T.step(T.Params("nash_mp", beta=cfg.beta, eta=cfg.eta), T.State(l_k), log_mu, exact_win_rate(P)).l
+    nash_mp = A.get("nash_mp")
+    want = nash_mp.exact_step(nash_mp.params(beta=cfg.beta, eta=cfg.eta), T.State(l_k), log_mu, exact_win_rate(P)).l
     np.testing.assert_allclose(nxt, want, rtol=0, atol=1e-8)
 
 
@@ -320,7 +332,7 @@ def test_one_gradient_step_is_a_mirror_step_with_s_beta_4lr_over_n(world, name, 
     l0 = T.normalize(theta.detach().numpy())
     np.testing.assert_allclose(stepped, T.mirror_step(l0, log_mu, P @ np.full(N, 1 / N), s, beta), rtol=0, atol=1e-12)
     if uniform_start:
-        np.testing.assert_allclose(stepped, T.half_step("egpo", l0, log_mu, P @ np.exp(l0), beta, s), rtol=0, atol=1e-12)
+        np.testing.assert_allclose(stepped, A.get("egpo").half_step(l0, log_mu, P @ np.exp(l0), s, beta), rtol=0, atol=1e-12)
 
 
 def test_nash_md_expected_gradient_is_the_regularized_preference_gradient(world):

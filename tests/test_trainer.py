@@ -17,7 +17,7 @@ import torch
 from torchrun_workers import run_two_workers
 
 from solvers import checkpoint as ckpt
-from solvers import losses, trainer
+from solvers import algorithms, losses, trainer
 from solvers.causal_lm import tiny_policy
 from solvers.trainer import Example, NonFiniteLossError, TrainerConfig
 
@@ -46,10 +46,10 @@ def assert_same_weights(a: dict, b: dict, **tol) -> None:
 
 
 LR = {"nash_mp": 1e-3}  # the others learn the fixed batch at 1e-2; Nash-MP's small targets overshoot there
-LOSS_CONFIG = {"sppo": losses.make_config("sppo", eta=10.0)}  # the LM default η = 1e3 asks 500 nats of log-ratio
+LOSS_CONFIG = {"sppo": losses.SPPOConfig(eta=10.0)}  # the LM default η = 1e3 asks 500 nats of log-ratio
 
 
-@pytest.mark.parametrize("name", sorted(losses.LOSSES))
+@pytest.mark.parametrize("name", sorted(n for n, a in algorithms.ALGORITHMS.items() if a.loss is not None))
 def test_each_loss_learns_a_fixed_batch(name):
     """Ten full-batch steps lower the loss (Nash-MD's surrogate value means nothing: there, log π(y)
     of the preferred responses must rise instead)."""
@@ -86,7 +86,7 @@ def test_only_the_policy_runs_and_the_cached_logprobs_are_used(name):
     policy.model.register_forward_pre_hook(lambda module, args: forwards.append(1))
     before = weights(policy.model)
 
-    loss_config = losses.make_config("mnpo", weights=(1.0, 3.0)) if name == "mnpo" else None
+    loss_config = losses.MNPOConfig(weights=(1.0, 3.0)) if name == "mnpo" else None
     cfg = TrainerConfig(loss=name, loss_config=loss_config, lr=1e-3, micro_batch_size=1, grad_accum=4, max_steps=2)
     result = trainer.update(policy, examples, cfg)
 
@@ -126,7 +126,7 @@ def test_missing_cached_logprobs_are_refused():
     with pytest.raises(ValueError, match=r"prev_logp.*c-missing"):
         trainer.update(policy, [e], TrainerConfig(loss="inpo"))
     with pytest.raises(ValueError, match="kl='sequence'"):
-        TrainerConfig(loss="nash_md", loss_config=losses.make_config("nash_md", kl="token"))
+        TrainerConfig(loss="nash_md", loss_config=losses.NashMDConfig(kl="token"))
 
 
 def test_a_checkpoint_is_whole_or_absent(tmp_path, monkeypatch):
