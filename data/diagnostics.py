@@ -65,15 +65,15 @@ def cycle_share(comparisons: pd.DataFrame, *, min_votes: float = 1, min_margin: 
     if min_margin < 0 or min_margin >= 0.5:
         raise ValueError(f"min_margin must be in [0, 0.5), got {min_margin}")
     pairs = pair_preferences(comparisons)
+    pairs = pairs[pairs["votes"] >= min_votes].sort_values("prompt_id", kind="stable")
     triples = cycles = prompts = 0
-    for _, g in pairs[pairs["votes"] >= min_votes].groupby("prompt_id", sort=False):
-        ids = sorted(set(g["i"]) | set(g["j"]))
+    prompt, i_ids, j_ids, p_all = (pairs[c].to_numpy() for c in ("prompt_id", "i", "j", "p"))
+    starts = np.flatnonzero(np.r_[True, prompt[1:] != prompt[:-1]]) if len(prompt) else np.array([], int)
+    for lo, hi in zip(starts, np.r_[starts[1:], len(prompt)]):
+        ids, local = np.unique(np.concatenate([i_ids[lo:hi], j_ids[lo:hi]]), return_inverse=True)
         if len(ids) < 3:
             continue
-        index = {r: n for n, r in enumerate(ids)}
-        i = g["i"].map(index).to_numpy()
-        j = g["j"].map(index).to_numpy()
-        p = g["p"].to_numpy()
+        i, j, p = local[: hi - lo], local[hi - lo :], p_all[lo:hi].astype(float)
         E = np.zeros((len(ids), len(ids)), dtype=np.int64)
         E[i, j] = E[j, i] = 1
         W = np.zeros_like(E)

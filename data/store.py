@@ -11,9 +11,10 @@ Rules (see docs/architecture.md):
 from __future__ import annotations
 
 import io
-import math
+import json
 import uuid
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import pandas as pd
 import pyarrow as pa
@@ -35,7 +36,7 @@ Rows = pd.DataFrame | pa.Table | Sequence[dict]
 class Store:
     """A campaign's store rooted at a local folder or any URI that ``pyarrow.fs`` opens (s3://, gs://…)."""
 
-    def __init__(self, root: str | object):
+    def __init__(self, root: str | object, *, must_exist: bool = False):
         root = str(root)
         if "://" in root:
             self.fs, self.root = pafs.FileSystem.from_uri(root)
@@ -44,6 +45,8 @@ class Store:
             self.fs, self.root = pafs.LocalFileSystem(), _abspath(root)
             self.uri = self.root
         self.is_local = isinstance(self.fs, pafs.LocalFileSystem)
+        if must_exist and self.fs.get_file_info(self.root).type != pafs.FileType.Directory:
+            raise StoreError(f"{self.uri}: no store there (the path does not exist)")
 
     def __repr__(self) -> str:
         return f"Store({self.uri!r})"
@@ -104,56 +107,81 @@ class Store:
         """Validate ``rows`` and store those whose key is not stored yet, one file per round.
 
         Returns the rows written (empty when everything was already there). Nothing is written
-        when any row is bad.
+        when any row is bad. Only the partitions of the rows' rounds are read: its cost does not grow
+        with the rest of the store.
         """
         spec = _table(table)
         new = _to_arrow(spec, rows)
         self._validate(spec, new)
-        stored = self.keys(table, rounds=_rounds_of(new) if spec.partitioned else None)
-        keys = _key_tuples(new, spec.key)
-        fresh = [i for i, k in enumerate(keys) if k not in stored]
-        first = {}  # drop duplicates inside the batch too
-        for i in fresh:
-            first.setdefault(keys[i], i)
-        new = new.take(pa.array(sorted(first.values()), pa.int64()))
+        stored = self.read_arrow(table, rounds=_rounds_of(new) if spec.partitioned else None, columns=spec.key)
+        new = _drop_duplicate_keys(new, spec.key)  # inside the batch too
+        new = new.filter(pc.invert(pc.is_in(_key_array(new, spec.key), value_set=_key_array(stored, spec.key))))
         if new.num_rows == 0:
             return new.to_pandas()
         groups = [(r, new.filter(pc.equal(new["round"], r))) for r in _rounds_of(new)] if spec.partitioned else [(None, new)]
         for rnd, part in groups:
-            digest = stable_hash(*sorted(_key_tuples(part, spec.key)))
-            folder = spec.name if rnd is None else f"{spec.name}/round={rnd}"
-            body = part.drop_columns(["round"]) if spec.partitioned else part
-            body = body.select(spec.file_schema.names).cast(spec.file_schema)
-            buf = io.BytesIO()
-            pq.write_table(body, buf)
-            self._atomic_write(self.path(folder, f"part-{digest}.parquet"), lambda out, b=buf: out.write(b.getvalue()))
+            digest = stable_hash(*sorted(_key_array(part, spec.key).to_pylist()))
+            self._write_file(spec, rnd, f"part-{digest}.parquet", part)
         return new.to_pandas()
 
-    def read_arrow(self, table: str, *, rounds: Iterable[int] | None = None, columns: Sequence[str] | None = None) -> pa.Table:
-        """All stored rows of ``table`` (optionally only some rounds), one row per key."""
+    def _write_file(self, spec: Table, rnd: int | None, name: str, rows: pa.Table, metadata: dict | None = None) -> str:
+        body = rows.drop_columns(["round"]) if spec.partitioned else rows
+        body = body.select(spec.file_schema.names).cast(spec.file_schema)
+        if metadata:
+            body = body.replace_schema_metadata({k.encode(): v.encode() for k, v in metadata.items()})
+        buf = io.BytesIO()
+        pq.write_table(body, buf)
+        path = self.path(_folder(spec, rnd), name)
+        self._atomic_write(path, lambda out: out.write(buf.getvalue()))
+        return path
+
+    def read_arrow(
+        self, table: str, *, rounds: Iterable[int] | None = None, columns: Sequence[str] | None = None, where: pc.Expression | None = None
+    ) -> pa.Table:
+        """The stored rows of ``table``, one row per key: only the partitions of ``rounds`` (all when
+        None), only ``columns`` (and the key) off the disk, and only rows matching ``where`` (a
+        ``pyarrow.compute`` expression on the files' columns, e.g. ``pc.field("policy_version") == "v3"``,
+        pushed down to the Parquet reader)."""
         spec = _table(table)
         wanted = set(spec.schema.names) if not columns else {*columns, *spec.key}  # keys: for one row per key
         names = [n for n in spec.schema.names if n in wanted]
         schema = pa.schema([spec.schema.field(n) for n in names])
         parts = []
-        for path, rnd in self._files(spec, rounds):
-            try:
-                with self.fs.open_input_file(path) as f:
-                    parquet = pq.ParquetFile(f)
-                    _check_schema(parquet.schema_arrow, spec, path)
-                    # only the columns asked for come off the disk (responses' texts and tokens are most of it)
-                    t = parquet.read(columns=[n for n in names if n in parquet.schema_arrow.names])
-            except (pa.ArrowInvalid, OSError) as e:
-                raise StoreError(f"{path}: unreadable Parquet file in table {spec.name!r} ({e})") from e
-            if spec.partitioned and "round" in wanted:
-                t = t.append_column("round", pa.array([rnd] * t.num_rows, pa.int64()))
-            parts.append(_with_added_columns(t, schema))
+        for folder, rnd, files in self._partitions(spec, rounds=rounds):
+            parts += self._read_partition(spec, folder, rnd, files, names, schema, where)
         out = pa.concat_tables(parts) if parts else schema.empty_table()
         out = _drop_duplicate_keys(out, spec.key)
         return out.select(list(columns)) if columns else out
 
-    def read(self, table: str, *, rounds: Iterable[int] | None = None, columns: Sequence[str] | None = None) -> pd.DataFrame:
-        return self.read_arrow(table, rounds=rounds, columns=columns).to_pandas()
+    def _read_partition(self, spec: Table, folder: str, rnd: int | None, files: list[str], names, schema, where) -> list[pa.Table]:
+        """A partition's live files; listed again when a compaction replaced one since the listing."""
+        for attempt in range(RELISTS):
+            try:
+                return [self._read_file(spec, f"{folder}/{name}", rnd, names, schema, where) for name in self._live(folder, files)]
+            except FileNotFoundError:
+                if attempt == RELISTS - 1:
+                    raise
+                files = self._names_in(folder)
+        return []
+
+    def _read_file(self, spec: Table, path: str, rnd: int | None, names: list[str], schema: pa.Schema, where) -> pa.Table:
+        try:
+            with self.fs.open_input_file(path) as f:
+                parquet = pq.ParquetFile(f)
+                _check_schema(parquet.schema_arrow, spec, path)
+                # only the columns asked for come off the disk (responses' texts and tokens are most of it)
+                present = [n for n in names if n in parquet.schema_arrow.names]
+                t = parquet.read(columns=present) if where is None else pq.read_table(f, columns=present, filters=where)
+        except FileNotFoundError:
+            raise
+        except (pa.ArrowInvalid, OSError) as e:
+            raise StoreError(f"{path}: unreadable Parquet file in table {spec.name!r} ({e}); `nashflow check {self.uri}` lists every such file and what to do") from e
+        if spec.partitioned and "round" in names:
+            t = t.append_column("round", pa.array([rnd] * t.num_rows, pa.int64()))
+        return _with_added_columns(t, schema)
+
+    def read(self, table: str, *, rounds: Iterable[int] | None = None, columns: Sequence[str] | None = None, where: pc.Expression | None = None) -> pd.DataFrame:
+        return self.read_arrow(table, rounds=rounds, columns=columns, where=where).to_pandas()
 
     def keys(self, table: str, *, rounds: Iterable[int] | None = None) -> set[tuple]:
         spec = _table(table)
@@ -163,61 +191,220 @@ class Store:
         """The rounds that have a partition in ``table``."""
         return sorted({rnd for _, rnd in self._files(_table(table), None)})
 
+    def files(self, table: str, *, rounds: Iterable[int] | None = None) -> list[str]:
+        """The live Parquet files of ``table``: what a reader reads (a compacted file, not those it replaced)."""
+        return [path for path, _ in self._files(_table(table), rounds)]
+
     def _files(self, spec: Table, rounds: Iterable[int] | None) -> list[tuple[str, int | None]]:
+        out = []
+        for folder, rnd, names in self._partitions(spec, rounds=rounds):
+            for attempt in range(RELISTS):
+                try:
+                    out += [(f"{folder}/{name}", rnd) for name in self._live(folder, names)]
+                    break
+                except FileNotFoundError:  # a merged file was itself replaced since the listing
+                    if attempt == RELISTS - 1:
+                        raise
+                    names = self._names_in(folder)
+        return sorted(out)
+
+    def _partitions(self, spec: Table, *, rounds: Iterable[int] | None = None, strict: bool = True) -> list[tuple[str, int | None, list[str]]]:
+        """(folder, round, Parquet file names) of each partition (one for an unpartitioned table), only
+        those of ``rounds`` when given. With ``strict``, a stray file in a partitioned table is an error;
+        otherwise it is left out."""
+        base = self.path(spec.name)
+        wanted = None if rounds is None else {int(r) for r in rounds}
+        if wanted is not None and spec.partitioned:  # list only the partitions asked for
+            found = [(f"{base}/round={r}", r, self._names_in(f"{base}/round={r}")) for r in sorted(wanted)]
+            return [p for p in found if p[2]]
+        if self.fs.get_file_info(base).type == pafs.FileType.NotFound:
+            return []
+        folders: dict[str, tuple[int | None, list[str]]] = {}
+        for info in self.fs.get_file_info(pafs.FileSelector(base, recursive=True)):
+            rel = info.path[len(base) + 1 :]
+            folder, _, name = rel.rpartition("/")
+            if info.type != pafs.FileType.File or not _is_data(name):
+                continue
+            rnd = None
+            if spec.partitioned:
+                if not folder.startswith("round=") or "/" in folder:
+                    if strict:
+                        raise StoreError(f"{info.path}: stray file in partitioned table {spec.name!r} (expected round=N/...); move it out of the store")
+                    continue
+                rnd = int(folder.removeprefix("round="))
+            elif folder:
+                continue
+            folders.setdefault(f"{base}/{folder}" if folder else base, (rnd, []))[1].append(name)
+        return sorted(((folder, rnd, sorted(names)) for folder, (rnd, names) in folders.items()), key=lambda x: x[0])
+
+    def _names_in(self, folder: str) -> list[str]:
+        """The data files directly in ``folder`` (none when it does not exist)."""
+        selector = pafs.FileSelector(folder, allow_not_found=True)
+        return sorted(info.base_name for info in self.fs.get_file_info(selector) if info.type == pafs.FileType.File and _is_data(info.base_name))
+
+    def _live(self, folder: str, names: list[str]) -> list[str]:
+        """A partition's files less those a compacted file replaced (named in its footer)."""
+        dead: set[str] = set()
+        for name in names:
+            if name.startswith(COMPACTED):
+                try:
+                    dead |= set(_replaced(pq.read_metadata(f"{folder}/{name}", filesystem=self.fs)))
+                except FileNotFoundError:
+                    raise
+                except (pa.ArrowInvalid, OSError):
+                    continue  # unreadable: the read of it reports it
+        return [n for n in names if n not in dead]
+
+    # ----- upkeep: compaction and integrity --------------------------------------------------------
+    def compact(self, table: str | None = None) -> dict[str, dict[str, int]]:
+        """Merge each partition's files into one (per table: ``{"files_before", "files_after"}``).
+
+        The merged file is written atomically and names, in its footer, the files it replaces; readers
+        skip those from then on (``_live``), so a reader running at the same time reads either the old
+        files or the merged one, never both or neither; then the replaced files are deleted. Rows and
+        keys are kept as they are; a file written during compaction is not replaced.
+        """
+        report = {}
+        for spec in [_table(table)] if table else TABLES.values():
+            before = after = 0
+            for folder, rnd, names in self._partitions(spec):
+                live = self._live(folder, names)
+                before += len(live)
+                if len(live) > 1:
+                    rows = _drop_duplicate_keys(pa.concat_tables([self._read_file(spec, f"{folder}/{n}", rnd, spec.schema.names, spec.schema, None) for n in live]), spec.key)
+                    self._write_file(spec, rnd, f"{COMPACTED}{stable_hash(*live)}.parquet", rows, {REPLACES: json.dumps(live)})
+                for name in sorted(set(names) - set(live) | (set(live) if len(live) > 1 else set())):
+                    self._remove(f"{folder}/{name}")  # dead files: replaced by the merged one
+                after += min(len(live), 1)
+            report[spec.name] = {"files_before": before, "files_after": after}
+        return report
+
+    def _remove(self, path: str) -> None:
+        self.fs.delete_file(path)
+
+    def check(self) -> list["Problem"]:
+        """Read every file of every table; return each problem with its path and what to do: unreadable
+        or foreign files, a key stored twice with different contents, references that do not resolve.
+        An empty list: the store is sound."""
+        problems: list[Problem] = []
+        tables: dict[str, pa.Table] = {}
+        for spec in TABLES.values():
+            parts = []
+            for folder, rnd, names in self._partitions(spec, strict=False):
+                for name in self._live(folder, names):
+                    path = f"{folder}/{name}"
+                    try:
+                        parts.append(self._read_file(spec, path, rnd, spec.schema.names, spec.schema, None))
+                    except StoreError as e:
+                        problems.append(Problem(path, str(e).split(" (", 1)[0].removeprefix(f"{path}: "), MOVE_ASIDE))
+            problems += self._stray(spec)
+            rows = pa.concat_tables(parts) if parts else spec.schema.empty_table()
+            unique = _drop_duplicate_keys(rows, spec.key)
+            if unique.num_rows < rows.num_rows and _drop_duplicate_rows(rows).num_rows > unique.num_rows:
+                problems.append(Problem(self.path(spec.name), f"{spec.name}: a key is stored twice with different contents", "readers keep the first; find the files with `nashflow check` after moving newer ones aside"))
+            tables[spec.name] = unique
+        for table, column, target in REFERENCES:
+            known = tables[target][TABLES[target].key[0]]
+            bad = tables[table].filter(pc.invert(pc.is_in(tables[table][column], value_set=known)))
+            if bad.num_rows:
+                example = bad[column][0].as_py()
+                problems.append(Problem(self.path(table), f"{bad.num_rows} {table} row(s) refer to {column}s that {target} does not hold (e.g. {example!r})", f"restore the missing {target} files, or move the {table} files of those rounds aside and rerun the rounds"))
+        return problems
+
+    def _stray(self, spec: Table) -> list["Problem"]:
+        known = {folder for folder, _, _ in self._partitions(spec, strict=False)}
         base = self.path(spec.name)
         if self.fs.get_file_info(base).type == pafs.FileType.NotFound:
             return []
-        wanted = None if rounds is None else {int(r) for r in rounds}
-        out = []
-        for info in self.fs.get_file_info(pafs.FileSelector(base, recursive=True)):
-            rel = info.path[len(base) + 1 :]
-            name = rel.rsplit("/", 1)[-1]
-            if info.type != pafs.FileType.File or name.startswith((".", "_")):
-                continue  # temporary files of unfinished writes, and markers
-            rnd = None
-            if spec.partitioned:
-                folder = rel.split("/", 1)[0]
-                if not folder.startswith("round=") or "/" not in rel:
-                    raise StoreError(f"{info.path}: stray file in partitioned table {spec.name!r} (expected round=N/...)")
-                rnd = int(folder.removeprefix("round="))
-                if wanted is not None and rnd not in wanted:
-                    continue
-            out.append((info.path, rnd))
-        return sorted(out)
+        return [
+            Problem(info.path, f"stray file in table {spec.name!r}", "move it out of the store")
+            for info in self.fs.get_file_info(pafs.FileSelector(base, recursive=True))
+            if info.type == pafs.FileType.File and _is_data(info.base_name) and info.path.rpartition("/")[0] not in known
+        ]
+
+    def verify_files(self) -> None:
+        """Open the footer of every live file: a quick check (no data read) that raises StoreError
+        naming the first unreadable file. ``check`` reads everything."""
+        for spec in TABLES.values():
+            for path, _ in self._files(spec, None):
+                try:
+                    _check_schema(pq.read_schema(path, filesystem=self.fs), spec, path)
+                except FileNotFoundError:
+                    continue  # compacted away since the listing
+                except (pa.ArrowInvalid, OSError) as e:
+                    raise StoreError(f"{path}: unreadable Parquet file in table {spec.name!r} ({_first_line(e)}); `nashflow check {self.uri}` lists every problem and what to do") from e
 
     # ----- validation ------------------------------------------------------------------------------
     def _validate(self, spec: Table, t: pa.Table) -> None:
-        rows = t.to_pylist()
+        """Refuse bad rows, naming the first; vectorized, and references are looked up in the rows'
+        own rounds first (where a stage's rows find them), the other rounds only for what is left."""
         if spec.name == "comparisons":
-            known = self._response_ids()
-            for i, row in enumerate(rows):
-                where = f"comparisons row {i} (comparison_id={row['comparison_id']})"
-                p = row["p_a"]
-                if p is not None and (math.isnan(p) or not 0.0 <= p <= 1.0):
-                    raise StoreError(f"{where}: p_a={p} is not a probability in [0, 1]")
-                if row["label"] is not None and row["label"] not in LABELS:
-                    raise StoreError(f"{where}: label={row['label']!r} is not one of {LABELS} or null")
-                if row["n_votes"] < 0:
-                    raise StoreError(f"{where}: n_votes={row['n_votes']} is negative")
-                for col in ("a_id", "b_id"):
-                    if row[col] not in known:
-                        raise StoreError(f"{where}: {col}={row[col]!r} is not a stored response")
+            p = t["p_a"]
+            _refuse(spec, t, pc.and_(pc.is_valid(p), pc.or_(pc.is_nan(p), pc.or_(pc.less(p, 0.0), pc.greater(p, 1.0)))), "p_a", "is not a probability in [0, 1]")
+            label = t["label"]
+            _refuse(spec, t, pc.and_(pc.is_valid(label), pc.invert(pc.is_in(label, value_set=pa.array(LABELS)))), "label", f"is not one of {LABELS} or null")
+            _refuse(spec, t, pc.less(t["n_votes"], 0), "n_votes", "is negative")
+            for column in ("a_id", "b_id"):
+                self._refuse_unknown(spec, t, column, "responses", "is not a stored response")
         elif spec.name == "logprobs":
-            known = self._response_ids()
-            for i, row in enumerate(rows):
-                where = f"logprobs row {i} (response_id={row['response_id']})"
-                if math.isnan(row["logp"]) or row["logp"] > 1e-6:
-                    raise StoreError(f"{where}: logp={row['logp']} is not a log-probability")
-                if row["response_id"] not in known:
-                    raise StoreError(f"{where}: response_id={row['response_id']!r} is not a stored response")
+            logp = t["logp"]
+            _refuse(spec, t, pc.or_(pc.is_nan(logp), pc.greater(logp, 1e-6)), "logp", "is not a log-probability")
+            self._refuse_unknown(spec, t, "response_id", "responses", "is not a stored response")
         elif spec.name == "responses":
-            known = {k[0] for k in self.keys("prompts")}
-            for i, row in enumerate(rows):
-                if row["prompt_id"] not in known:
-                    raise StoreError(f"responses row {i} (response_id={row['response_id']}): prompt_id={row['prompt_id']!r} is not a stored prompt")
+            self._refuse_unknown(spec, t, "prompt_id", "prompts", "is not a stored prompt")
 
-    def _response_ids(self) -> set[str]:
-        return {k[0] for k in self.keys("responses")}
+    def _refuse_unknown(self, spec: Table, t: pa.Table, column: str, target: str, what: str) -> None:
+        ids = t[column]
+        key = TABLES[target].key[0]
+        near = self.read_arrow(target, rounds=_rounds_of(t) if TABLES[target].partitioned else None, columns=[key])[key]
+        unknown = pc.invert(pc.is_in(ids, value_set=near))
+        if TABLES[target].partitioned and pc.any(unknown).as_py():
+            rest = pc.unique(ids.filter(unknown))
+            found = self.read_arrow(target, columns=[key], where=pc.field(key).isin(rest))[key]
+            unknown = pc.and_(unknown, pc.invert(pc.is_in(ids, value_set=found)))
+        _refuse(spec, t, unknown, column, what)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing ``Store.check`` found: where, what, and what to do about it."""
+
+    path: str
+    what: str
+    todo: str
+
+
+RELISTS = 20  # times a reader lists a partition again after a compaction replaced a file it listed
+COMPACTED = "compact-"  # a merged file's name starts so; its footer lists the files it replaces
+REPLACES = "nashflow.replaces"
+MOVE_ASIDE = "move the file out of the store and run its round again: the stages redo only what is missing"
+REFERENCES = (("comparisons", "a_id", "responses"), ("comparisons", "b_id", "responses"), ("logprobs", "response_id", "responses"), ("responses", "prompt_id", "prompts"))
+
+
+def _is_data(name: str) -> bool:
+    """Not a temporary file of an unfinished write, nor a marker."""
+    return not name.startswith((".", "_"))
+
+
+def _replaced(metadata: pq.FileMetaData) -> list[str]:
+    raw = (metadata.metadata or {}).get(REPLACES.encode())
+    return json.loads(raw) if raw else []
+
+
+def _folder(spec: Table, rnd: int | None) -> str:
+    return spec.name if rnd is None else f"{spec.name}/round={rnd}"
+
+
+def _refuse(spec: Table, t: pa.Table, bad: pa.ChunkedArray | pa.Array, column: str, what: str) -> None:
+    """Raise naming the first row where ``bad`` holds (its key, the column and its value)."""
+    i = pc.index(pc.fill_null(bad, False), True).as_py()
+    if i is not None and i >= 0:
+        key = ", ".join(f"{k}={t[k][i].as_py()}" for k in spec.key)
+        raise StoreError(f"{spec.name} row {i} ({key}): {column}={t[column][i].as_py()!r} {what}")
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def _abspath(root: str) -> str:
@@ -237,7 +424,7 @@ def _to_arrow(spec: Table, rows: Rows) -> pa.Table:
     """Columns as given. In a DataFrame NaN means missing (the pandas convention); in a list of
     dicts None is missing and NaN is a value, which validation then refuses."""
     if isinstance(rows, pa.Table):
-        rows = rows.to_pandas()
+        return _arrow_rows(spec, rows)
     from_pandas = isinstance(rows, pd.DataFrame)
     if from_pandas:
         names, n = list(rows.columns), len(rows)
@@ -268,6 +455,27 @@ def _to_arrow(spec: Table, rows: Rows) -> pa.Table:
     return pa.table(columns, schema=spec.schema)
 
 
+def _arrow_rows(spec: Table, rows: pa.Table) -> pa.Table:
+    """An Arrow table's columns cast to the table's schema, with the same checks as other rows."""
+    missing = [f.name for f in spec.schema if f.name not in rows.column_names and not f.nullable]
+    extra = [c for c in rows.column_names if c not in spec.schema.names]
+    if missing or extra:
+        raise StoreError(f"{spec.name}: " + "; ".join(([f"missing required column(s) {missing}"] if missing else []) + ([f"unknown column(s) {extra}; the table has {spec.schema.names}"] if extra else [])))
+    columns = {}
+    for field in spec.schema:
+        if field.name not in rows.column_names:
+            columns[field.name] = pa.nulls(rows.num_rows, field.type)
+            continue
+        try:
+            columns[field.name] = rows[field.name].cast(field.type)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
+            raise StoreError(f"{spec.name}.{field.name}: values do not fit type {field.type} ({e})") from None
+        if not field.nullable and columns[field.name].null_count:
+            row = pc.index(pc.is_null(columns[field.name]), True).as_py()
+            raise StoreError(f"{spec.name} row {row}: column {field.name!r} is required but missing")
+    return pa.table(columns, schema=spec.schema)
+
+
 def _rounds_of(t: pa.Table) -> list[int]:
     return sorted(set(t["round"].to_pylist()))
 
@@ -276,14 +484,26 @@ def _key_tuples(t: pa.Table, key: Sequence[str]) -> list[tuple]:
     return list(zip(*(t[c].to_pylist() for c in key))) if t.num_rows else []
 
 
+def _key_array(t: pa.Table, key: Sequence[str]) -> pa.ChunkedArray:
+    """One string per row standing for its key (the columns joined by a separator no id contains)."""
+    columns = [pc.cast(t[c], pa.string()) for c in key]
+    return columns[0] if len(columns) == 1 else pc.binary_join_element_wise(*columns, "\x1f")
+
+
 def _drop_duplicate_keys(t: pa.Table, key: Sequence[str]) -> pa.Table:
-    seen: set[tuple] = set()
-    keep = []
-    for i, k in enumerate(_key_tuples(t, key)):
-        if k not in seen:
-            seen.add(k)
-            keep.append(i)
-    return t if len(keep) == t.num_rows else t.take(pa.array(keep, pa.int64()))
+    """The first row of each key, in the table's order."""
+    keys = _key_array(t, key)
+    if t.num_rows == 0 or pc.count_distinct(keys).as_py() == t.num_rows:
+        return t
+    first = pa.table({"k": keys, "i": pa.array(range(t.num_rows), pa.int64())}).group_by("k", use_threads=False).aggregate([("i", "min")])
+    rows = first["i_min"]
+    return t.take(pc.take(rows, pc.sort_indices(rows)))
+
+
+def _drop_duplicate_rows(t: pa.Table) -> pa.Table:
+    """Rows that differ in some column (list columns compared as text)."""
+    columns = [pc.cast(t[c], pa.string()) if not pa.types.is_list(t[c].type) else pa.array([str(v) for v in t[c].to_pylist()]) for c in t.column_names]
+    return _drop_duplicate_keys(pa.table({str(i): c for i, c in enumerate(columns)}), [str(i) for i in range(len(columns))])
 
 
 def _check_schema(got: pa.Schema, spec: Table, path: str) -> None:

@@ -29,7 +29,7 @@ def _quiet() -> None:
 
 def _run_campaign(config) -> None:
     _quiet()
-    from data import Store
+    from data import Store, StoreError
     from pipelines import stages
     from pipelines.flows import alignment_campaign
     from pipelines.progress import Reporter, reporting
@@ -49,10 +49,15 @@ def _run_campaign(config) -> None:
             console.print("→ " + ", ".join(f"{k.split('/')[1]} {metrics[k]:.3g}" for k in keys) + f"  [{time.perf_counter() - self.t0:.0f} s]")
 
     console.print(f"campaign [bold]{config.name}[/bold]: {config.rounds} rounds of {config.solver.algorithm}, store {config.store}")
-    with reporting(Progress()):
-        alignment_campaign(config)
-    console.print()
     store = Store(config.store)
+    try:
+        store.verify_files()  # a corrupt file stops the run here, named, not deep inside a round
+        with reporting(Progress()):
+            alignment_campaign(config)
+    except StoreError as e:
+        console.print()
+        _fail(str(e))
+    console.print()
     _print_rounds(stages.rounds_table(store))
     from pipelines.artifacts import PLOT
 
@@ -139,9 +144,11 @@ def status(
     from pipelines.stages import rounds_table
 
     try:
-        _print_rounds(rounds_table(Store(store)))
+        opened = Store(store, must_exist=True)
+        opened.verify_files()
+        _print_rounds(rounds_table(opened))
         if fit_gap:
-            _print_fit_gap(Store(store), backbone=backbone, epochs=epochs, lr=lr, seed=seed)
+            _print_fit_gap(opened, backbone=backbone, epochs=epochs, lr=lr, seed=seed)
     except StoreError as e:
         _fail(str(e))
 
@@ -234,6 +241,44 @@ def export(
     except StoreError as e:
         _fail(str(e))
     console.print(f"wrote {n} pairs to {dest}")
+
+
+@app.command()
+def compact(
+    store: Annotated[str, typer.Argument(help="a campaign's store (folder or URI)")],
+    table: Annotated[Optional[str], typer.Option(help="only this table (default: all)")] = None,
+):
+    """Merge each partition's small files into one, atomically: readers running meanwhile see the old
+    files or the merged one, never both; nothing is lost or duplicated."""
+    from data import Store, StoreError
+
+    try:
+        report = Store(store, must_exist=True).compact(table)
+    except StoreError as e:
+        _fail(str(e))
+    out = Table("table", "files before", "files after", title=f"compacted {store}")
+    for name, counts in report.items():
+        out.add_row(name, str(counts["files_before"]), str(counts["files_after"]))
+    Console().print(out)
+
+
+@app.command()
+def check(store: Annotated[str, typer.Argument(help="a campaign's store (folder or URI)")]):
+    """Read every file of a store: unreadable or foreign files, keys stored twice with different
+    contents, references that do not resolve; each with its path and what to do. Exit 1 if any."""
+    from data import Store, StoreError
+
+    try:
+        problems = Store(store, must_exist=True).check()
+    except StoreError as e:
+        _fail(str(e))
+    if not problems:
+        console.print(f"{store}: every file reads, keys are unique and references resolve")
+        return
+    for p in problems:
+        console.print(f"[red]problem:[/red] {p.path}: {p.what}\n  what to do: {p.todo}")
+    console.print(f"{len(problems)} problem(s)")
+    raise typer.Exit(1)
 
 
 if __name__ == "__main__":

@@ -18,9 +18,16 @@ from pipelines.config import CampaignConfig
 
 
 def ensure_logprobs(store: Store, policy, policy_version: str, responses: pd.DataFrame, *, round: int) -> pd.Series:
-    """log π_version(y|x) for each response (indexed by response_id), scoring only what the store lacks."""
-    cached = store.read("logprobs")
-    cached = cached[cached["policy_version"] == policy_version].set_index("response_id")["logp"]
+    """log π_version(y|x) for each response (indexed by response_id), scoring only what the store lacks.
+
+    A response's log-probs are computed in its own round or a later one, so only the partitions from
+    the oldest response's round to ``round`` are read, and in them only this version's rows."""
+    import pyarrow.compute as pc
+
+    ids = responses["response_id"].tolist()
+    where = (pc.field("policy_version") == policy_version) & pc.field("response_id").isin(ids)
+    first = int(responses["round"].min()) if len(responses) else round
+    cached = store.read("logprobs", rounds=range(first, round + 1), columns=["response_id", "logp"], where=where).set_index("response_id")["logp"]
     missing = responses[~responses["response_id"].isin(cached.index)]
     if len(missing):
         logps = policy.score(list(missing["prompt"]), list(missing["text"]), finished=list(missing["finish_reason"] == "stop"), tokens=token_lists(missing["token_ids"]))
@@ -35,13 +42,17 @@ def token_lists(column: pd.Series) -> list:
     return [None if ids is None else ids.tolist() for ids in column]
 
 
+def window_rounds(config: CampaignConfig, round: int) -> range:
+    """The rounds whose judged pairs an update trains on (``trainer.window``; 0: every round so far)."""
+    window = config.trainer.window
+    return range(1 if window == 0 else max(1, round - window + 1), round + 1)
+
+
 def training_pairs(store: Store, config: CampaignConfig, rows: pd.DataFrame, prompts: pd.DataFrame, *, round: int, sampled_version: str, oracle_ids: set[str]) -> pd.DataFrame:
     """The judged pairs the update trains on: this round's pairs of the phase's samples, plus earlier
     rounds' pairs when ``trainer.window`` asks for them. Training prompts only; abstentions dropped.
-    ``rows``: the store's responses by response_id; ``prompts``: its prompts by prompt_id."""
-    window = config.trainer.window
-    first = 1 if window == 0 else max(1, round - window + 1)
-    comps = store.read("comparisons", rounds=range(first, round + 1))
+    ``rows``: the responses of those rounds by response_id; ``prompts``: the prompts by prompt_id."""
+    comps = store.read("comparisons", rounds=window_rounds(config, round), columns=["comparison_id", "round", "prompt_id", "a_id", "b_id", "oracle_id", "p_a"])
     comps = comps[comps["oracle_id"].isin(oracle_ids) & comps["p_a"].notna()]
     pairs = comps.assign(
         prompt=comps["prompt_id"].map(prompts["prompt"]),
@@ -57,50 +68,14 @@ def training_pairs(store: Store, config: CampaignConfig, rows: pd.DataFrame, pro
 
 def update_causal_lm(store: Store, config: CampaignConfig, world: World, *, round: int, phase: str, sampled_version: str, oracle_ids: set[str]) -> dict:
     from solvers import checkpoint as lm_checkpoint
-    from solvers.trainer import Example, TrainerConfig, update
+    from solvers.trainer import TrainerConfig, update
 
     new, anchor_version, algorithm = version(round, phase), version(round - 1), config.solver.entry
     policy, optimizer_state = load_policy(store, anchor_version, config, world, with_optimizer=True)
-    rows = store.read("responses").set_index("response_id")
-    prompts = store.read("prompts").set_index("prompt_id")
-    pairs = training_pairs(store, config, rows, prompts, round=round, sampled_version=sampled_version, oracle_ids=oracle_ids)
-    if pairs.empty:
-        raise ValueError(f"round {round} {phase}: no judged pairs to train on (all abstained or none stored); the policy stays at {anchor_version}")
-    used = pd.unique(pd.concat([pairs["a_id"], pairs["b_id"]]))
-    # Nash-MD's loss scores y ~ π_t only: its mixture opponents y' need no log-probs
-    ids = [i for i in used if not is_mixture(rows.at[i, "policy_version"])]
-    responses = rows.loc[ids].reset_index()
-    responses["prompt"] = responses["prompt_id"].map(prompts["prompt"])
-
-    logp = {anchor_version: ensure_logprobs(store, policy, anchor_version, responses, round=round)}
+    examples = update_examples(
+        store, config, round=round, phase=phase, sampled_version=sampled_version, oracle_ids=oracle_ids, anchor=policy, load=lambda v: load_policy(store, v, config, world)
+    )
     loss_config = config.solver.loss_config()
-    # the past iterates a loss reads besides the anchor π_t (MNPO: π_{t−1}, …, π_{t−H+1}; v0 at the start)
-    older = algorithm.older_iterates(loss_config)
-    history = [version(max(r, 0)) for r in range(round - 2, round - 2 - older, -1)]
-    for v in ["v0", *history]:
-        if v not in logp:
-            logp[v] = ensure_logprobs(store, load_policy(store, v, config, world), v, responses, round=round)
-    finished = rows["finish_reason"] == "stop"
-    tokens = pd.Series(token_lists(rows.loc[used, "token_ids"]), index=used)
-
-    def pair_of(v, r):
-        return (float(logp[v][r.a_id]), float(logp[v][r.b_id]))
-
-    examples = per_response_examples(pairs, rows, logp, anchor_version, finished, tokens, set(ids)) if algorithm.per_response else [
-        Example(
-            prompt=r.prompt,
-            y=rows.at[r.a_id, "text"],
-            y_other=rows.at[r.b_id, "text"],
-            p_hat=float(r.p_a),
-            ref_logp=pair_of("v0", r),
-            prev_logp=pair_of(anchor_version, r),
-            older_logp=tuple(pair_of(v, r) for v in history),
-            finished=(bool(finished[r.a_id]), bool(finished[r.b_id])),
-            tokens=(tokens[r.a_id], tokens[r.b_id]),
-            id=r.comparison_id,
-        )
-        for r in pairs.itertuples(index=False)
-    ]
     t = config.trainer
     trainer_config = TrainerConfig(
         loss=algorithm.name,
@@ -128,10 +103,66 @@ def update_causal_lm(store: Store, config: CampaignConfig, world: World, *, roun
     return {"version": new, "checkpoint": path, "judged_pairs_used": len(examples), **result.summary}
 
 
-def per_response_examples(pairs: pd.DataFrame, rows: pd.DataFrame, logp: dict, anchor_version: str, finished: pd.Series, tokens: pd.Series, scored: set) -> list:
+def update_examples(store: Store, config: CampaignConfig, *, round: int, phase: str, sampled_version: str, oracle_ids: set[str], anchor, load) -> list:
+    """The trainer's examples for one update: the judged pairs of its window, their texts and tokens,
+    and the log-probs the algorithm's loss reads, scored once where the store lacks them (``anchor``:
+    the policy being updated; ``load(version)``: another version's policy, loaded only if needed).
+    Reads only the rounds of ``trainer.window``."""
+    from solvers.trainer import Example
+
+    anchor_version, algorithm = version(round - 1), config.solver.entry
+    rows = store.read("responses", rounds=window_rounds(config, round)).set_index("response_id")
+    prompts = store.read("prompts").set_index("prompt_id")
+    pairs = training_pairs(store, config, rows, prompts, round=round, sampled_version=sampled_version, oracle_ids=oracle_ids)
+    if pairs.empty:
+        raise ValueError(f"round {round} {phase}: no judged pairs to train on (all abstained or none stored); the policy stays at {anchor_version}")
+    used = pd.unique(pd.concat([pairs["a_id"], pairs["b_id"]]))
+    # Nash-MD's loss scores y ~ π_t only: its mixture opponents y' need no log-probs
+    ids = [i for i, v in zip(used, rows.loc[used, "policy_version"].tolist()) if not is_mixture(v)]
+    responses = rows.loc[ids].reset_index()
+    responses["prompt"] = responses["prompt_id"].map(prompts["prompt"])
+
+    logp = {anchor_version: ensure_logprobs(store, anchor, anchor_version, responses, round=round)}
+    loss_config = config.solver.loss_config()
+    # the past iterates a loss reads besides the anchor π_t (MNPO: π_{t−1}, …, π_{t−H+1}; v0 at the start)
+    older = algorithm.older_iterates(loss_config)
+    history = [version(max(r, 0)) for r in range(round - 2, round - 2 - older, -1)]
+    for v in ["v0", *history]:
+        if v not in logp:
+            logp[v] = ensure_logprobs(store, load(v), v, responses, round=round)
+    # plain dicts for the per-pair loop: a pandas lookup per field and pair costs seconds at 8k pairs
+    texts = dict(zip(rows.index, rows["text"]))
+    finished = dict(zip(rows.index, (rows["finish_reason"] == "stop").tolist()))
+    tokens = dict(zip(used, token_lists(rows.loc[used, "token_ids"])))
+    logp = {v: dict(zip(series.index, series.to_numpy(dtype=float).tolist())) for v, series in logp.items()}
+    if algorithm.per_response:
+        return per_response_examples(pairs, texts, logp, anchor_version, finished, tokens, set(ids))
+
+    def pair_of(v, r):
+        return (logp[v][r.a_id], logp[v][r.b_id])
+
+    return [
+        Example(
+            prompt=r.prompt,
+            y=texts[r.a_id],
+            y_other=texts[r.b_id],
+            p_hat=float(r.p_a),
+            ref_logp=pair_of("v0", r),
+            prev_logp=pair_of(anchor_version, r),
+            older_logp=tuple(pair_of(v, r) for v in history),
+            finished=(finished[r.a_id], finished[r.b_id]),
+            tokens=(tokens[r.a_id], tokens[r.b_id]),
+            id=r.comparison_id,
+        )
+        for r in pairs.itertuples(index=False)
+    ]
+
+
+def per_response_examples(pairs: pd.DataFrame, texts: dict, logp: dict, anchor_version: str, finished: dict, tokens: dict, scored: set) -> list:
     """SPPO and Nash-MD train per response y (those in ``scored``), on its mean win-rate against what
     it was judged against, in either order: SPPO's P̂(y ≻ π_t) over the prompt's other samples,
-    Nash-MD's P̂(y ≻ y') against its mixture opponent (both orders averaged)."""
+    Nash-MD's P̂(y ≻ y') against its mixture opponent (both orders averaged). ``texts``, ``finished``,
+    ``tokens`` and each ``logp[version]`` map a response id to its value."""
     from solvers.trainer import Example
 
     wins = pd.concat(
@@ -144,12 +175,12 @@ def per_response_examples(pairs: pd.DataFrame, rows: pd.DataFrame, logp: dict, a
     return [
         Example(
             prompt=prompt,
-            y=rows.at[rid, "text"],
+            y=texts[rid],
             y_other=None,
             p_hat=float(rate),
-            ref_logp=(float(logp["v0"][rid]),),
-            prev_logp=(float(logp[anchor_version][rid]),),
-            finished=(bool(finished[rid]), True),
+            ref_logp=(logp["v0"][rid],),
+            prev_logp=(logp[anchor_version][rid],),
+            finished=(finished[rid], True),
             tokens=(tokens[rid], None),
             id=rid,
         )

@@ -124,7 +124,7 @@ def judge_pairs(store: Store, oracle, pairs: list[Pair], *, round: int, chunk_si
     """Ask the oracle about the pairs it has not judged yet (the store is the cache) and store each
     chunk as soon as it is answered, so an interruption loses at most one chunk. Skipped pairs (e.g. a
     spent budget) are not stored: a later run asks them again."""
-    todo = unjudged(pairs, oracle.oracle_id, store)
+    todo = unjudged(pairs, oracle.oracle_id, store, rounds=[round])  # a pair lives in its own round: comparison ids name round-specific responses
     answered = []
     for start in range(0, len(todo), chunk_size):
         chunk = oracle.judge(todo[start : start + chunk_size])
@@ -237,9 +237,11 @@ def evaluate_policy(store: Store, config: CampaignConfig, world: World, *, round
         evaluation = sampled_win_rate(store, config, world, build_oracle(config, world), round=round)
     else:  # people alone judge this campaign: no machine to ask about held-out pairs
         evaluation = {}
-    # how intransitive the judgments so far are: a share of cyclic triples near zero means a reward
-    # model would do; well above it, only a Nash method can represent the preferences
-    cycles = intransitivity(store, rounds=range(round + 1), oracle_ids=campaign_oracle_ids(config, world))
+    # how intransitive this round's judgments are: a share of cyclic triples near zero means a reward
+    # model would do; well above it, only a Nash method can represent the preferences. Pairs are drawn
+    # within a round, so every judged triple lies in one round: reading only this round's partition
+    # loses no triple and keeps the stage's cost flat as the store grows
+    cycles = intransitivity(store, rounds=[round], oracle_ids=campaign_oracle_ids(config, world))
     metrics = {**stage_metrics, **evaluation, **{k: v for k, v in cycles.items() if v is not None}}
     row = {
         "round": round,

@@ -1,0 +1,177 @@
+"""A round's store work as a campaign's store grows: at round 1 and at round N it should cost the same.
+
+    python bench/store_scale.py [--rounds 200] [--prompts 1024] [--k 4] [--tokens 200] [--dir DIR]
+
+Grows a store the way a campaign does, through the stages' own functions with a synthetic policy and
+judge (so only the store is measured): per round, `stages.sample_responses` writes prompts × k
+responses of ~`tokens` tokens with their token ids and log-probs, `stages.pair_responses` pairs each
+prompt's samples in both orders, `stages.judge_pairs` stores 8,192 judgments, `lm_update.update_examples`
+reads what the update trains on and scores the reference's log-probs, and the evaluation stage's reads
+(`intransitivity` of the round, the rounds table) and its rounds row follow. Defaults: 4,096 responses,
+8,192 comparisons and 8,192 log-probs per round.
+
+Round 1 (an empty store) and round N (after N − 1 grown rounds) are each timed in a fresh process, so
+the peak RSS is that round's; then `nashflow status` at round N (the whole command, Python start-up
+included), then `nashflow compact`. One JSON line; `growth_ratio` = round N / round 1 (goal ≤ 1.5),
+`status_s` (goal ≤ 3). The default run takes several minutes and about 1 GB of disk (reported).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+
+from data import Store  # noqa: E402
+from oracles.protocol import Judgment  # noqa: E402
+from solvers.policy import Sample  # noqa: E402
+
+JUDGED_PER_ROUND = 8192
+WORDS = np.array([f"w{i}" for i in range(4096)])
+
+
+class SyntheticPolicy:
+    """Samples of ~``tokens`` random tokens (and their text), with log-probs: what a real sampler stores."""
+
+    def __init__(self, tokens: int):
+        self.tokens = tokens
+
+    def sample(self, prompts: list[str], k: int, *, seed: int) -> list[list[Sample]]:
+        rng = np.random.default_rng(seed)
+        lengths = rng.integers(self.tokens // 2, self.tokens * 3 // 2, size=len(prompts) * k)
+        out = []
+        for i in range(len(prompts)):
+            group = []
+            for j in range(k):
+                ids = rng.integers(0, 49152, size=lengths[i * k + j])
+                group.append(Sample(" ".join(WORDS[ids % len(WORDS)]), len(ids), "stop", -float(len(ids)), tuple(int(t) for t in ids)))
+            out.append(group)
+        return out
+
+    def score(self, prompts, responses, *, finished=None, tokens=None) -> list[float]:
+        return [-0.5 * len(t or r) for r, t in zip(responses, tokens or [None] * len(responses))]
+
+
+class SyntheticJudge:
+    oracle_id = "synthetic:store-bench:0"
+
+    def judge(self, pairs):
+        return [Judgment(p, p_a=float(len(p.a) > len(p.b)), label="a" if len(p.a) > len(p.b) else "b") for p in pairs]
+
+
+def campaign_config(store: str):
+    from pipelines.config import parse_config
+
+    return parse_config(
+        {"name": "store-bench", "store": store, "rounds": 1, "prompts": {"source": "text_world"}, "policy": {"kind": "causal_lm"}, "oracle": {"kind": "text_world"}, "solver": {"algorithm": "inpo"}}
+    )
+
+
+def round_store_work(store: Store, round: int, args) -> float:
+    """The store work of one round's stages (seconds), through the stages' own functions."""
+    from data.diagnostics import intransitivity
+    from pipelines import stages
+    from pipelines.lm_update import update_examples
+
+    config, policy = campaign_config(store.uri), SyntheticPolicy(args.tokens)
+    prompts = [f"prompt {i}" for i in range(args.prompts)]
+    if round == 1:
+        store.write("prompts", [dict(prompt_id=stages.prompt_id(p), prompt=p, split="train", source="bench") for p in prompts])
+    anchor = f"v{round - 1}"
+    started = time.perf_counter()
+    stages.sample_responses(store, policy, prompts, round=round, policy_version=anchor, k=args.k, seed=0)
+    pairs = stages.pair_responses(store, round=round, policy_version=anchor, strategy="both_orders", skip_identical=False, seed=0)
+    stages.judge_pairs(store, SyntheticJudge(), pairs[:JUDGED_PER_ROUND], round=round)
+    update_examples(store, config, round=round, phase="update", sampled_version=anchor, oracle_ids={SyntheticJudge.oracle_id}, anchor=policy, load=lambda v: policy)
+    metrics = intransitivity(store, rounds=[round], oracle_ids={SyntheticJudge.oracle_id})
+    store.write("rounds", [dict(round=round, policy_version=f"v{round}", checkpoint="-", solver="inpo", metrics=json.dumps(metrics), timings="{}")])
+    stages.rounds_table(store)
+    return time.perf_counter() - started
+
+
+def measure(store_dir: str, round: int, args) -> dict:
+    """Round ``round``'s store work in a fresh process: its seconds and the process's peak RSS."""
+    cmd = [sys.executable, __file__, "--measure", str(round), "--dir", store_dir, "--prompts", str(args.prompts), "--k", str(args.k), "--tokens", str(args.tokens)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def disk_bytes(folder: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(folder) for f in files)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=200)
+    ap.add_argument("--prompts", type=int, default=1024)
+    ap.add_argument("--k", type=int, default=4, help="responses per prompt")
+    ap.add_argument("--tokens", type=int, default=200, help="mean response length in tokens")
+    ap.add_argument("--dir", default=None, help="where the store grows (default: a temporary folder, removed after)")
+    ap.add_argument("--measure", type=int, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.measure is not None:  # the child process: one round, timed
+        seconds = round_store_work(Store(args.dir), args.measure, args)
+        print(json.dumps({"seconds": seconds, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+        return
+
+    folder = args.dir or tempfile.mkdtemp(prefix="nashflow-store-scale-")
+    store_dir = os.path.join(folder, "store")
+    try:
+        first = measure(store_dir, 1, args)
+        grow_started = time.perf_counter()
+        store = Store(store_dir)
+        for r in range(2, args.rounds):
+            round_store_work(store, r, args)
+        grow_s = time.perf_counter() - grow_started
+        last = measure(store_dir, args.rounds, args)
+        started = time.perf_counter()
+        status = subprocess.run([sys.executable, "-m", "pipelines.cli", "status", store_dir], cwd=ROOT, capture_output=True, text=True)
+        status_s = time.perf_counter() - started
+        if status.returncode != 0:
+            raise SystemExit(f"nashflow status failed: {status.stderr}")
+        files_before = len(Store(store_dir).files("comparisons")) + sum(len(Store(store_dir).files(t)) for t in ("responses", "logprobs", "rounds", "prompts"))
+        disk = disk_bytes(store_dir)
+        started = time.perf_counter()
+        report = Store(store_dir).compact()
+        compact_s = time.perf_counter() - started
+        print(
+            json.dumps(
+                {
+                    "bench": "store_scale",
+                    "rounds": args.rounds,
+                    "responses_per_round": args.prompts * args.k,
+                    "comparisons_per_round": JUDGED_PER_ROUND,
+                    "logprobs_per_round": 2 * args.prompts * args.k,
+                    "round1_store_s": round(first["seconds"], 3),
+                    f"round{args.rounds}_store_s": round(last["seconds"], 3),
+                    "round200_store_s" if args.rounds == 200 else "last_round_store_s": round(last["seconds"], 3),
+                    "growth_ratio": round(last["seconds"] / first["seconds"], 3),
+                    "status_s": round(status_s, 3),
+                    "files_before_compact": files_before,
+                    "files_after_compact": sum(r["files_after"] for r in report.values()),
+                    "compact_s": round(compact_s, 2),
+                    "peak_rss_round1_bytes": first["peak_rss_bytes"],
+                    "peak_rss_round200_bytes" if args.rounds == 200 else "peak_rss_last_round_bytes": last["peak_rss_bytes"],
+                    "disk_bytes": disk,
+                    "grow_s": round(grow_s, 1),
+                }
+            )
+        )
+    finally:
+        if args.dir is None:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
