@@ -75,8 +75,11 @@ def plain_round(config, r: int) -> None:
     """alignment_round's stages as plain function calls, in the flow's order (no Prefect at all)."""
     from data import Store
     from pipelines import artifacts, stages
-    from pipelines.components import World, build_oracle, campaign_oracle_ids, load_policy, phases
     from pipelines.flows import _sampler_version
+    from pipelines.oracle_factory import build_oracle, campaign_oracle_ids
+    from pipelines.solver_settings import phases
+    from pipelines.versions import load_policy
+    from pipelines.world import World
 
     store, world = Store(config.store), World(config)
     stages.register_prompts(store, world)

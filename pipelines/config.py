@@ -6,6 +6,7 @@ mistyped field is refused with its path (``solver.beta: Input should be greater 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Annotated, Literal
 
@@ -351,3 +352,16 @@ def parse_config(raw: dict, *, source: str = "config") -> CampaignConfig:
 
 def default_config_path() -> str:
     return os.path.join(os.path.dirname(__file__), "demo.yaml")
+
+
+def config_from_settings(config_type, settings: BaseModel, *, pipeline_only: frozenset[str] = frozenset(), **more):
+    """``config_type(**settings, **more)``: a solver's config (a dataclass) from the campaign's settings
+    of it, plus what the campaign sets elsewhere (``more``: device, seed, …). Every settings field but
+    those in ``pipeline_only`` (read by the pipeline itself) must be a field of ``config_type``, so a
+    setting is never accepted and silently left out."""
+    fields = {f.name for f in dataclasses.fields(config_type)}
+    values = settings.model_dump(exclude=set(pipeline_only))
+    unknown = sorted((values.keys() | more.keys()) - fields)
+    if unknown:
+        raise TypeError(f"{type(settings).__name__} has fields that {config_type.__name__} lacks: {', '.join(unknown)}")
+    return config_type(**values, **more)

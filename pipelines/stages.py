@@ -16,19 +16,11 @@ from data.diagnostics import intransitivity
 from data.keys import stable_hash
 from oracles.protocol import Pair
 from oracles.resume import unjudged
-from pipelines.components import (
-    World,
-    build_oracle,
-    campaign_oracle_ids,
-    checkpoint_dir,
-    has_checkpoint,
-    load_policy,
-    mixture_version,
-    save_checkpoint,
-    solver_params,
-    version,
-)
 from pipelines.config import CampaignConfig
+from pipelines.oracle_factory import build_oracle, campaign_oracle_ids
+from pipelines.solver_settings import solver_params
+from pipelines.versions import checkpoint_dir, has_checkpoint, load_policy, mixture_version, save_checkpoint, version
+from pipelines.world import World
 from solvers import tabular
 from solvers.tabular_policy import Judged
 
