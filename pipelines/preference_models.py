@@ -1,5 +1,5 @@
-"""A cascade campaign's learned preference model: its checkpoints in the store, the cascade oracle that
-judges each round with the right one, and the retraining after each round.
+"""A cascade campaign's learned preference model: its checkpoints in the store and the cascade oracle that
+judges each round with the right one (pipelines/retrain.py retrains it after each round).
 
 In the store (the truth, like the policy's checkpoints):
 
@@ -35,7 +35,8 @@ from pathlib import Path
 
 from data import Store
 from data import checkpoints as marks
-from oracles.cascade import Budget, Cascade, Confident, OrdersAgree, Stage
+from oracles.budget import Budget
+from oracles.cascade import Cascade, Confident, OrdersAgree, Stage
 from oracles.learned import LearnedOracle
 from oracles.protocol import NOT_JUDGED, Judgment, Pair, make_oracle_id
 from pipelines.config import CampaignConfig
