@@ -23,11 +23,10 @@ def _modules() -> dict[str, Path]:
     return {_module_name(p): p for pkg in PACKAGES for p in sorted((ROOT / pkg).glob("*.py"))}
 
 
-def import_graph() -> dict[str, set[str]]:
-    """module → the project's modules it imports anywhere in its source (``from pkg import mod`` names
-    the module ``pkg.mod`` when it is one, else the package)."""
-    modules = _modules()
-    graph = {}
+def _imports(modules: dict[str, Path]) -> dict[str, set[str]]:
+    """module → every module name it imports anywhere in its source (``from pkg import mod`` names the
+    module ``pkg.mod`` when it is one of ours, else ``pkg``)."""
+    out = {}
     for name, path in modules.items():
         targets = set()
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
@@ -36,8 +35,14 @@ def import_graph() -> dict[str, set[str]]:
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                 subs = {f"{node.module}.{a.name}" for a in node.names} & modules.keys()
                 targets |= subs or {node.module}
-        graph[name] = {t for t in targets if t in modules and t != name}
-    return graph
+        out[name] = targets
+    return out
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module → the project's modules it imports anywhere in its source."""
+    modules = _modules()
+    return {name: {t for t in targets if t in modules and t != name} for name, targets in _imports(modules).items()}
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -81,6 +86,16 @@ def test_imports_point_one_way():
         for src, targets in import_graph().items()
         for dst in targets
         if dst.split(".")[0] != src.split(".")[0] and dst.split(".")[0] not in ALLOWED[src.split(".")[0]]
+    ]
+    assert wrong == []
+
+
+def test_prefect_only_in_pipelines_and_no_torch_in_data():
+    wrong = [
+        f"{src} imports {dst}"
+        for src, targets in _imports(_modules()).items()
+        for dst in targets
+        if (dst.split(".")[0] == "prefect" and not src.startswith("pipelines")) or (dst.split(".")[0] == "torch" and src.startswith("data"))
     ]
     assert wrong == []
 
