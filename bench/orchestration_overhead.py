@@ -75,13 +75,15 @@ def plain_round(config, r: int) -> None:
     """alignment_round's stages as plain function calls, in the flow's order (no Prefect at all)."""
     from data import Store
     from pipelines import artifacts, stages
-    from pipelines.components import World, build_oracle, campaign_oracle_ids, load_policy, phases
     from pipelines.flows import _sampler_version
+    from pipelines.oracle_factory import build_oracle, campaign_oracle_ids
+    from pipelines.versions import load_policy
+    from pipelines.world import World
 
     store, world = Store(config.store), World(config)
     stages.register_prompts(store, world)
     watch, stage_metrics = stages.Stopwatch(), {}
-    for phase in phases(config):
+    for phase in config.solver.entry.phases:
         v = _sampler_version(config, r, phase)
         with watch("sample"):
             policy = load_policy(store, v, config, world)

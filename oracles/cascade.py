@@ -28,7 +28,7 @@ Skipped judgments (not stored, asked again later) are of two kinds:
   oracle's ``collect`` and are stored under its own id (the annotation-collection flow). A pipeline
   that re-runs the round should leave out pairs already submitted, or the judge is paid again for them.
 
-Budgets (``Budget``) are per round and per stage, in pairs and/or USD. A USD budget needs
+Budgets (oracles/budget.py's ``Budget``) are per round and per stage, in pairs and/or USD. A USD budget needs
 ``usd_per_pair``, the most one pair can cost at that stage: pairs are admitted only while the spent
 plus that worst case fits, and the true cost (from the judgments) is what is then counted, so a stage
 never spends more than its budget as long as the worst case holds. Queued stages are counted at
@@ -40,8 +40,9 @@ the judge's overflow); its route step says so (``over_budget``, ``passed_on``).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from oracles.budget import Budget
 from oracles.protocol import NOT_JUDGED, Judgment, Pair, make_oracle_id, orders_agree
 
 OVER_BUDGET = ("stop", "pass_on")
@@ -77,40 +78,6 @@ class OrdersAgree:
 
 
 @dataclass
-class Budget:
-    """What one stage may spend in one round: ``pairs`` (pairs sent to it) and/or ``usd``, with
-    ``usd_per_pair`` the worst-case cost of one pair there (required with ``usd``)."""
-
-    pairs: int | None = None
-    usd: float | None = None
-    usd_per_pair: float | None = None
-    spent_pairs: int = field(default=0, init=False)
-    spent_usd: float = field(default=0.0, init=False)
-
-    def __post_init__(self):
-        if self.pairs is not None and self.pairs < 0:
-            raise ValueError(f"Budget: pairs must be ≥ 0, got {self.pairs}")
-        if self.usd is not None and (self.usd < 0 or self.usd_per_pair is None or self.usd_per_pair <= 0):
-            raise ValueError("Budget: usd needs usd_per_pair > 0, the worst-case cost of one pair (and usd ≥ 0)")
-
-    def room(self) -> int | None:
-        """How many more pairs fit this round (None: no limit)."""
-        limits = []
-        if self.pairs is not None:
-            limits.append(self.pairs - self.spent_pairs)
-        if self.usd is not None:
-            limits.append(int((self.usd - self.spent_usd) / self.usd_per_pair + 1e-9))
-        return max(0, min(limits)) if limits else None
-
-    def spend(self, pairs: int, usd: float) -> None:
-        self.spent_pairs += pairs
-        self.spent_usd += usd
-
-    def reset(self) -> None:
-        self.spent_pairs, self.spent_usd = 0, 0.0
-
-
-@dataclass
 class Stage:
     """One step of the cascade. ``oracle``: a synchronous ``Oracle`` (``judge``) or, last, a queued one
     (``submit``/``collect``/``pending``). ``accept``: whether its answer is final (None: always).
@@ -127,6 +94,8 @@ class Stage:
     def __post_init__(self):
         if self.over_budget not in OVER_BUDGET:
             raise ValueError(f"Stage: over_budget must be one of {OVER_BUDGET}, got {self.over_budget!r}")
+        if self.budget is not None and not self.budget.admits_in_bulk:
+            raise ValueError("Stage: a USD budget needs usd_per_pair > 0, the worst-case cost of one pair at this stage")
 
     @property
     def queued(self) -> bool:

@@ -70,10 +70,11 @@ try:  # openai >= 3 runs on the httpx2 fork; older releases on httpx
 except ImportError:  # pragma: no cover
     import httpx as _httpx
 
+from oracles.budget import Budget
 from oracles.judge_parse import FIRST, SECOND, TIE, logprob_p_first, parse_verdict
 from oracles.judge_template import load_template
 from oracles.protocol import NOT_JUDGED, Judgment, Pair, make_oracle_id, orders_agree
-from oracles.rate_limit import Budget, RateLimiter, backoff_s, retry_after_s
+from oracles.rate_limit import RateLimiter, backoff_s, retry_after_s
 
 log = logging.getLogger(__name__)
 _HAVE_AIOHTTP = importlib.util.find_spec("aiohttp") is not None
@@ -190,18 +191,18 @@ class LLMJudge:
             "seed": config.seed,
         }
         self.oracle_id = make_oracle_id("llm_judge", name or config.model, answers)
-        self.budget = Budget(config.budget_usd)
+        self.budget = Budget(usd=config.budget_usd)
         auto = config.http_backend == "auto"
         self.http_backend = "aiohttp" if config.http_backend == "aiohttp" or (auto and _HAVE_AIOHTTP) else "httpx"
 
     def reset_budget(self) -> None:
         """Start a new budget period (e.g. a new round): nothing spent yet."""
-        self.budget = Budget(self.config.budget_usd)
+        self.budget = Budget(usd=self.config.budget_usd)
 
     @property
     def spent_usd(self) -> float:
         """What this judge spent since it was built or its budget was reset."""
-        return self.budget.spent
+        return self.budget.spent_usd
 
     def __repr__(self) -> str:
         return f"LLMJudge({self.oracle_id!r}, base_url={self.config.base_url!r})"

@@ -1,4 +1,5 @@
-"""Pacing and retrying requests to a rate-limited API: a per-minute limiter, a spending budget, backoff.
+"""Pacing and retrying requests to a rate-limited API: a per-minute limiter and backoff (what a judge
+may spend is oracles/budget.py's ``Budget``).
 
 Plain asyncio, no threads: every method that reserves does so synchronously before its first ``await``,
 so concurrent coroutines of one event loop never race.
@@ -39,33 +40,6 @@ class RateLimiter:
     def adjust(self, delta: float) -> None:
         """Count ``delta`` more units (negative: fewer) against the reservations already made."""
         self._tat += delta * self.interval
-
-
-class Budget:
-    """A spending limit in USD for one batch. A unit of work reserves its worst-case cost before it
-    starts (``admit``) and settles its true cost when done (``settle``), so spending never exceeds the
-    limit as long as the worst case holds.
-
-    ``admit`` answers True (go), False (it can never fit: nothing else is reserved) or None (it does not
-    fit now, but reservations in flight may settle for less: ask again after the next ``settle``). It
-    never blocks, so a caller that holds a worker cannot deadlock the work it waits for."""
-
-    def __init__(self, limit_usd: float | None):
-        self.limit = limit_usd
-        self.spent = 0.0
-        self.reserved = 0.0
-
-    def admit(self, worst_case_usd: float) -> bool | None:
-        if self.limit is None:
-            return True
-        if self.spent + self.reserved + worst_case_usd <= self.limit * (1 + 1e-12):
-            self.reserved += worst_case_usd
-            return True
-        return None if self.reserved > 0 else False
-
-    def settle(self, reserved_usd: float, spent_usd: float) -> None:
-        self.spent += spent_usd
-        self.reserved = max(0.0, self.reserved - reserved_usd)
 
 
 def retry_after_s(headers) -> float | None:

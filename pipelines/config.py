@@ -6,8 +6,8 @@ mistyped field is refused with its path (``solver.beta: Input should be greater 
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from dataclasses import fields
 from typing import Annotated, Any, Literal, Union
 
 import yaml
@@ -382,7 +382,7 @@ class CampaignConfig(Strict):
             unread = [("solver.loss", f"the settings of the language-model loss; a tabular policy reads {loss_read}")] if "loss" in solver.model_fields_set else []
             unread += [("trainer", "the causal-LM update's settings; a tabular policy's update is the exact step on P̂")] if "trainer" in self.model_fields_set else []
         else:
-            loss_fields = ", ".join(f.name for f in fields(algorithm.loss.config))
+            loss_fields = ", ".join(f.name for f in dataclasses.fields(algorithm.loss.config))
             unread = [
                 (f"solver.{name}", f"a setting of the exact tabular step; a causal_lm policy reads solver.loss ({algorithm.name}: {loss_fields})")
                 for name in algorithm.tabular_fields
@@ -436,3 +436,16 @@ def _message(err: dict) -> str:
 
 def default_config_path() -> str:
     return os.path.join(os.path.dirname(__file__), "demo.yaml")
+
+
+def config_from_settings(config_type, settings: BaseModel, *, pipeline_only: frozenset[str] = frozenset(), **more):
+    """``config_type(**settings, **more)``: a solver's config (a dataclass) from the campaign's settings
+    of it, plus what the campaign sets elsewhere (``more``: device, seed, …). Every settings field but
+    those in ``pipeline_only`` (read by the pipeline itself) must be a field of ``config_type``, so a
+    setting is never accepted and silently left out."""
+    fields = {f.name for f in dataclasses.fields(config_type)}
+    values = settings.model_dump(exclude=set(pipeline_only))
+    unknown = sorted((values.keys() | more.keys()) - fields)
+    if unknown:
+        raise TypeError(f"{type(settings).__name__} has fields that {config_type.__name__} lacks: {', '.join(unknown)}")
+    return config_type(**values, **more)

@@ -19,8 +19,8 @@ from prefect.runtime import flow_run
 
 from data import Store
 from pipelines import flows, secrets
-from pipelines.components import has_checkpoint, version
 from pipelines.config import CampaignConfig, ConfigError, load_config
+from pipelines.versions import has_checkpoint, version
 
 # The flow process's working directory is the project folder (prefect.yaml), so relative config and
 # store paths mean the same as in `nashflow run`.

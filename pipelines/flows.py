@@ -13,11 +13,12 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from data import Store
-from pipelines import artifacts, secrets, stages
-from pipelines import human
-from pipelines.components import World, build_oracle, campaign_oracle_ids, load_policy, version, work_dir, worth_retrying
+from pipelines import artifacts, human, secrets, stages
 from pipelines.config import CampaignConfig
+from pipelines.oracle_factory import build_oracle, campaign_oracle_ids
 from pipelines.progress import reporter
+from pipelines.versions import load_policy, version, work_dir, worth_retrying
+from pipelines.world import World
 
 
 def _sampler_version(config: CampaignConfig, round: int, phase: str) -> str:
@@ -153,7 +154,7 @@ def alignment_round(config: CampaignConfig, round: int) -> dict:
             updated = update_task(config, round, phase)
         stage_metrics.update({prefix + k: v for k, v in updated.items() if k.startswith(("loss/", "kl/", "optim/", "pref/", "perf/")) and k != "perf/seconds"})
     if config.oracle is not None and config.oracle.kind == "cascade" and config.oracle.retrain:  # the learned model learns from this round
-        from pipelines.preference_models import retrain_task
+        from pipelines.retrain import retrain_task
 
         with watch("retrain"):
             stage_metrics.update(retrain_task(config, round))

@@ -13,7 +13,6 @@ Votes that arrive after their round moved on are still collected, into their own
 from __future__ import annotations
 
 import json
-import os
 import time
 
 from prefect import flow, get_run_logger, task
@@ -28,27 +27,9 @@ from data.keys import stable_hash
 from oracles.protocol import Pair
 from oracles.resume import unjudged
 from pipelines.config import CampaignConfig
+from pipelines.oracle_factory import people_oracle
 
 WAITING = "human/waiting"  # store folder: one marker per round suspended for people
-
-
-def people_oracle(config: CampaignConfig):
-    """The campaign's Label Studio oracle; URL and token are read where it runs, never stored."""
-    from oracles.label_studio import LabelStudioConfig, LabelStudioOracle
-    from pipelines.secrets import resolve
-
-    h = config.humans
-    url = h.url or os.environ.get(h.url_env)
-    if not url:
-        raise ValueError(f"humans: no Label Studio URL (set humans.url or the environment variable {h.url_env})")
-    settings = LabelStudioConfig(campaign=config.name, overlap=h.overlap, project_id=h.project_id)
-    return LabelStudioOracle(settings, url=url, api_key=resolve(h.api_key_secret, h.api_key_env))
-
-
-def people_oracle_id(config: CampaignConfig) -> str:
-    from oracles.label_studio import LabelStudioConfig
-
-    return LabelStudioConfig(campaign=config.name, overlap=config.humans.overlap).oracle_id
 
 
 def split_for_people(pairs: list[Pair], config: CampaignConfig) -> tuple[list[Pair], list[Pair]]:

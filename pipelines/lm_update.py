@@ -13,8 +13,9 @@ import tempfile
 import pandas as pd
 
 from data import Store
-from pipelines.components import World, is_mixture, load_policy, save_checkpoint, version, work_dir
-from pipelines.config import CampaignConfig
+from pipelines.config import CampaignConfig, config_from_settings
+from pipelines.versions import is_mixture, load_policy, save_checkpoint, version, work_dir
+from pipelines.world import World
 
 
 def ensure_logprobs(store: Store, policy, policy_version: str, responses: pd.DataFrame, *, round: int) -> pd.Series:
@@ -76,22 +77,8 @@ def update_causal_lm(store: Store, config: CampaignConfig, world: World, *, roun
         store, config, round=round, phase=phase, sampled_version=sampled_version, oracle_ids=oracle_ids, anchor=policy, load=lambda v: load_policy(store, v, config, world)
     )
     loss_config = config.solver.loss_config()
-    t = config.trainer
-    trainer_config = TrainerConfig(
-        loss=algorithm.name,
-        loss_config=loss_config,
-        lr=t.lr,
-        micro_batch_size=t.micro_batch_size,
-        grad_accum=t.grad_accum,
-        epochs=t.epochs,
-        warmup_steps=t.warmup_steps,
-        schedule=t.schedule,
-        max_grad_norm=t.max_grad_norm,
-        gradient_checkpointing=t.gradient_checkpointing,
-        compile=t.compile,
-        checkpoint_every=t.checkpoint_every,
-        device=config.policy.device,
-        seed=config.seed + round,
+    trainer_config = config_from_settings(
+        TrainerConfig, config.trainer, pipeline_only={"window"}, loss=algorithm.name, loss_config=loss_config, device=config.policy.device, seed=config.seed + round
     )
     # step checkpoints of an unfinished update live beside the round's checkpoints, so a killed update resumes
     work = store.local_path(work_dir(new)) if store.is_local else tempfile.mkdtemp(prefix="nashflow-update-")

@@ -1,5 +1,5 @@
-"""A cascade campaign's learned preference model: its checkpoints in the store, the cascade oracle that
-judges each round with the right one, and the retraining after each round.
+"""A cascade campaign's learned preference model: its checkpoints in the store and the cascade oracle that
+judges each round with the right one (pipelines/retrain.py retrains it after each round).
 
 In the store (the truth, like the policy's checkpoints):
 
@@ -7,6 +7,7 @@ In the store (the truth, like the policy's checkpoints):
     preference_models/r<N>/        retrained after round N on what the judge and people answered up to N
     preference_models/r<N>.json    its manifest (fingerprint, the model it started from, the fit's
                                    metrics), written last: only a model with a manifest exists
+                                   (data/checkpoints.py, the rule of every checkpoint)
     preference_models/.work-r<N>/  step checkpoints of an unfinished retraining (a killed one resumes)
 
 Round N judges with the newest model of a round before N (r0 to start), so a round's model is fixed
@@ -32,15 +33,15 @@ from collections import defaultdict
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from prefect import get_run_logger, task
-from prefect.cache_policies import NO_CACHE
-
 from data import Store
-from oracles.cascade import Budget, Cascade, Confident, OrdersAgree, Stage
+from data import checkpoints as marks
+from oracles.budget import Budget
+from oracles.cascade import Cascade, Confident, OrdersAgree, Stage
 from oracles.learned import LearnedOracle
 from oracles.protocol import NOT_JUDGED, Judgment, Pair, make_oracle_id
-from pipelines.components import World, campaign_oracle_ids, local_folder, machine_oracle, machine_oracle_id, publish_folder, sampling_policy, version, worth_retrying
 from pipelines.config import CampaignConfig
+from pipelines.versions import local_folder, publish_folder, sampling_policy, version
+from pipelines.world import World
 
 MODELS = "preference_models"
 ARCHITECTURE = ("head", "pool", "head_hidden", "max_prompt_tokens", "max_response_tokens")
@@ -50,18 +51,13 @@ def model_dir(round: int) -> str:
     return f"{MODELS}/r{round}"
 
 
-def _manifest(round: int) -> str:
-    return f"{MODELS}/r{round}.json"
-
-
 def model_rounds(store: Store) -> list[int]:
     """The rounds with a complete preference model (its manifest written), ascending."""
-    stems = [name.removesuffix(".json") for name in store.list_files(MODELS) if name.endswith(".json")]
-    return sorted(int(stem[1:]) for stem in stems if stem[:1] == "r" and stem[1:].isdigit())
+    return sorted(int(name[1:]) for name in marks.complete_checkpoints(store, MODELS) if name[:1] == "r" and name[1:].isdigit())
 
 
 def read_manifest(store: Store, round: int) -> dict:
-    return json.loads(store.read_bytes(_manifest(round)))
+    return marks.read_manifest(store, model_dir(round))
 
 
 def model_for_round(store: Store, config: CampaignConfig, round: int) -> int:
@@ -77,14 +73,14 @@ def save_model(store: Store, round: int, folder: str | os.PathLike, manifest: di
     """Put a local checkpoint folder in the store as ``preference_models/r<round>`` (moved into place
     whole), then its manifest, which marks it complete."""
     publish_folder(store, str(folder), model_dir(round))
-    store.write_bytes(_manifest(round), json.dumps(manifest, indent=1, sort_keys=True).encode())
+    marks.mark_complete(store, model_dir(round), manifest)
     return store.path(model_dir(round))
 
 
 def ensure_initial_model(store: Store, config: CampaignConfig) -> None:
     """Write r0 once: the ``init`` checkpoint as it is, or a new model on the tiny or given backbone.
     Later changes to ``init`` do not touch a store that has its r0."""
-    if store.exists(_manifest(0)):
+    if marks.is_complete(store, model_dir(0)):
         return
     from solvers import preference_model as pm
 
@@ -132,28 +128,7 @@ def _check_architecture(cfg, saved) -> None:
             raise ValueError(f"oracle.{name}: {wanted!r}, but the checkpoint {cfg.init} has {getattr(saved, name)!r}; leave it unset to use the checkpoint's")
 
 
-# ----- oracle ids ------------------------------------------------------------------------------------------
-
-
-class _Fingerprint:
-    """Stands in for a model when only its oracle id is wanted (the id needs the fingerprint, not the weights)."""
-
-    def __init__(self, fingerprint: str):
-        self.fingerprint = fingerprint
-
-    def predict(self, prompts, a_texts, b_texts):
-        raise NotImplementedError("an id-only stand-in does not predict")
-
-
-def learned_oracle_id(checkpoint: str) -> str:
-    """The oracle id of a checkpoint folder's model, from its files alone (nothing is loaded)."""
-    from solvers.preference_model import PREFERENCE_FILE, checkpoint_fingerprint
-
-    settings = Path(checkpoint).expanduser() / PREFERENCE_FILE
-    if not settings.is_file():
-        raise ValueError(f"oracle.checkpoint: {checkpoint} is not a preference-model checkpoint (it has no {PREFERENCE_FILE})")
-    head = json.loads(settings.read_text())["head"]
-    return LearnedOracle(_Fingerprint(checkpoint_fingerprint(checkpoint)), name=head).oracle_id
+# ----- the cascade's id ------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -172,20 +147,17 @@ def judge_accept(cfg):
     return OrdersAgree() if cfg.judge.kind == "llm_judge" and cfg.judge.both_orders else Answered()
 
 
-def cascade_oracle_id(config: CampaignConfig, world: World, judge=None) -> str:
-    """The campaign's cascade id: its rules, its judge and its people, not its model version (see the
-    module docstring), so the solver reads every round's judgments under it."""
-    from pipelines.human import people_oracle_id
-
+def cascade_oracle_id(config: CampaignConfig, judge_id: str, people_id: str | None) -> str:
+    """The campaign's cascade id: its rules, its judge and its people (their ids), not its model version
+    (see the module docstring), so the solver reads every round's judgments under it."""
     cfg = config.oracle
-    judge_id = judge.oracle_id if judge is not None else machine_oracle_id(cfg.judge, world)
     rule = judge_accept(cfg)
     stages = [
         {"oracle": f"learned: {MODELS}/ of the store, the version in each judgment's detail", "accept": repr(Confident(cfg.confidence))},
         {"oracle": judge_id, "accept": repr(rule) if rule is not None else None},
     ]
     if cfg.people:
-        stages.append({"oracle": people_oracle_id(config), "accept": None})
+        stages.append({"oracle": people_id, "accept": None})
     return make_oracle_id("cascade", config.name, {"stages": stages})
 
 
@@ -213,13 +185,17 @@ class CampaignCascade:
     (``detail["not_judged"]``: "budget" or "people"), so they are stored and a rerun does not ask the
     model and pay the judge for them again; people's answers come in later under their own id. A
     round's pairs are taken one prompt at a time in turn, so a budget covers many prompts rather than
-    the first few."""
+    the first few.
 
-    def __init__(self, config: CampaignConfig, world: World, store: Store | None = None):
+    ``judge`` and ``people`` (None: no people) are oracles not built yet (pipelines/oracle_factory's
+    ``OracleSpec``: an ``oracle_id`` and ``build()``); the judge is built now, people when first asked."""
+
+    def __init__(self, config: CampaignConfig, world: World, *, judge, people=None, store: Store | None = None):
         self.config, self.world = config, world
         self.store = store if store is not None else Store(config.store)
-        self.judge_oracle = machine_oracle(config.oracle.judge, world)
-        self.oracle_id = cascade_oracle_id(config, world, self.judge_oracle)
+        self.judge_oracle = judge.build()
+        self._people_spec = people
+        self.oracle_id = cascade_oracle_id(config, self.judge_oracle.oracle_id, people.oracle_id if people else None)
         self._models: dict[int, tuple[LearnedOracle, int]] = {}
         self._phases: dict[tuple[int, str], _Round] = {}
         self._last: tuple[int, str] | None = None
@@ -311,7 +287,7 @@ class CampaignCascade:
         if model.fingerprint != expected:
             raise ValueError(
                 f"{self.store.path(model_dir(k))} changed after it was written (fingerprint {model.fingerprint[:12]}, its manifest says {expected[:12]}): "
-                f"restore it, or delete it with its manifest {_manifest(k)} to fall back to an earlier model"
+                f"restore it, or delete it with its manifest {marks.manifest_path(model_dir(k))} to fall back to an earlier model"
             )
         self._models[round] = (LearnedOracle(model, name=model.config.head, batch_size=cfg.batch_size), k)
         return self._models[round]
@@ -336,9 +312,7 @@ class CampaignCascade:
 
     def _people_oracle(self):
         if self._people is None:
-            from pipelines.human import people_oracle
-
-            self._people = people_oracle(self.config)
+            self._people = self._people_spec.build()
         return self._people
 
     def _stored_form(self, j: Judgment, state: _Round) -> Judgment:
@@ -391,87 +365,3 @@ def _by_prompt_in_turn(pairs: list[Pair]) -> list[int]:
         queues[p.prompt_id].append(i)
     longest = max(len(q) for q in queues.values())
     return [q[k] for k in range(longest) for q in queues.values() if k < len(q)]
-
-
-# ----- retraining after a round ------------------------------------------------------------------------------
-
-
-def train_config(config: CampaignConfig):
-    """The fit's settings; the seed stays the same every round, so the held-out prompts do too."""
-    from solvers.preference_model import PreferenceTrainConfig
-
-    cfg = config.oracle
-    t = cfg.train
-    return PreferenceTrainConfig(
-        lr=t.lr,
-        epochs=t.epochs,
-        max_steps=t.max_steps,
-        micro_batch_size=t.micro_batch_size,
-        grad_accum=t.grad_accum,
-        warmup_steps=t.warmup_steps,
-        schedule=t.schedule,
-        weight_decay=t.weight_decay,
-        eval_share=t.eval_share,
-        precision=t.precision,
-        device=cfg.device,
-        seed=t.seed,
-    )
-
-
-def retrain_preference_model(store: Store, config: CampaignConfig, world: World, *, round: int, log=None) -> dict:
-    """After round ``round``: a warm start from the model the round judged with, trained on everything the
-    campaign's judge and people answered up to this round (never a model's own answers), scored on
-    held-out prompts, and saved as preference_models/r<round>, the model of the next round. Returns
-    prefmodel/ metrics (a rerun returns the stored ones). With nothing to learn from yet (no judged
-    pairs, all ties, too few prompts to hold some out) it writes nothing, says why in ``log``, and the
-    next round keeps the current model."""
-    if store.exists(_manifest(round)):
-        return {**read_manifest(store, round)["metrics"], "prefmodel/already_stored": 1.0}
-    from solvers import preference_model as pm
-
-    start = model_for_round(store, config, round)
-    work = store.local_path(f"{MODELS}/.work-r{round}") if store.is_local else None
-    with tempfile.TemporaryDirectory() as tmp:
-        init = local_folder(store, model_dir(start), os.path.join(tmp, "init"))
-        try:
-            report = pm.fit_preference_model(
-                store,
-                os.path.join(tmp, "fit"),
-                init=init,
-                train_config=train_config(config),
-                rounds=range(0, round + 1),
-                oracle_ids=campaign_oracle_ids(config, world),
-                checkpoint_dir=work or os.path.join(tmp, "work"),
-            )
-        except pm.PreferenceDataError as e:
-            if log is not None:
-                log.warning("round %d: the preference model is not retrained (%s); round %d judges with %s", round, e, round + 1, model_dir(start))
-            return {"prefmodel/retrained": 0.0, "prefmodel/version": float(start)}
-        metrics = {k: v for k, v in report.metrics.items() if k.startswith("prefmodel/")}
-        metrics |= {"prefmodel/seconds": report.metrics["perf/seconds"], "prefmodel/retrained": 1.0, "prefmodel/version": float(round), "prefmodel/from_version": float(start)}
-        manifest = {"round": round, "fingerprint": report.fingerprint, "head": json.loads((report.path / pm.PREFERENCE_FILE).read_text())["head"], "from": start, "metrics": metrics}
-        save_model(store, round, report.path, manifest)
-    if work is not None:
-        shutil.rmtree(work, ignore_errors=True)
-    return metrics
-
-
-# tags=["gpu"]: the same concurrency limit as the policy update; one retry resumes from the step checkpoints
-@task(
-    name="retrain-preference-model", task_run_name="{config.name}-r{round}-retrain", cache_policy=NO_CACHE, tags=["gpu"],
-    retries=1, retry_delay_seconds=10, retry_condition_fn=worth_retrying,
-)  # fmt: skip
-def retrain_task(config: CampaignConfig, round: int) -> dict:
-    store, log = Store(config.store), get_run_logger()
-    out = retrain_preference_model(store, config, World(config), round=round, log=log)
-    if out.get("prefmodel/retrained"):
-        log.info(
-            "round %d: preference model r%d from r%d on %d pairs: held-out log-loss %s (before %s) in %.1f s",
-            round, round, int(out["prefmodel/from_version"]), int(out["prefmodel/train_pairs"]),
-            _fmt(out.get("prefmodel/eval_logloss")), _fmt(out.get("prefmodel/eval_logloss_before")), out["prefmodel/seconds"],
-        )  # fmt: skip
-    return out
-
-
-def _fmt(x) -> str:
-    return "n/a" if x is None else f"{x:.4f}"

@@ -16,18 +16,10 @@ from data.diagnostics import intransitivity
 from data.keys import stable_hash
 from oracles.protocol import Pair
 from oracles.resume import unjudged
-from pipelines.components import (
-    World,
-    build_oracle,
-    campaign_oracle_ids,
-    checkpoint_dir,
-    has_checkpoint,
-    load_policy,
-    mixture_version,
-    save_checkpoint,
-    version,
-)
 from pipelines.config import CampaignConfig
+from pipelines.oracle_factory import build_oracle, campaign_oracle_ids
+from pipelines.versions import checkpoint_dir, has_checkpoint, load_policy, mixture_version, save_checkpoint, version
+from pipelines.world import World
 from solvers import tabular
 from solvers.tabular_policy import Judged
 

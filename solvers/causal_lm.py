@@ -31,6 +31,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, ByT5Tokenizer, LlamaConfig, LlamaForCausalLM
 
 from data.keys import stable_hash
+from solvers import checkpoint
 from solvers.lean_forward import LeanForward
 from solvers.mixture_sampling import decode, left_pad, ready_mask
 from solvers.policy import Sample
@@ -313,9 +314,7 @@ class CausalLMPolicy:
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
         """Model (safetensors) and tokenizer into the folder ``path``, atomically: see
         ``solvers.checkpoint.save_checkpoint``. Refuses an existing ``path`` unless ``overwrite``."""
-        from solvers.checkpoint import save_checkpoint  # checkpoint imports this module
-
-        save_checkpoint(path, self.model, self.tokenizer, overwrite=overwrite)
+        checkpoint.save_checkpoint(path, self.model, self.tokenizer, overwrite=overwrite)
 
     # --- sampling
 
@@ -353,6 +352,16 @@ class CausalLMPolicy:
 
 
 # ----- loading and tiny models ------------------------------------------------------------------------
+
+
+def load_checkpoint(path: str | os.PathLike, config: CausalLMConfig | None = None) -> tuple[CausalLMPolicy, dict | None]:
+    """(policy, optimizer state or None) from a checkpoint folder: what a round's update starts from.
+    Pass the optimizer state to ``trainer.update(..., optimizer_state=...)`` to keep AdamW's moments.
+    The weights load in float32 unless ``config`` says otherwise: they are the master weights that
+    bf16 autocast trains (``CausalLMConfig``'s own default would give bf16 on CUDA)."""
+    policy = CausalLMPolicy.load(path, config or CausalLMConfig(dtype="float32"))
+    state = checkpoint.load_trainer_state(path)
+    return policy, (state or {}).get("optimizer")
 
 
 def context_length(model, tokenizer) -> int | None:

@@ -3,14 +3,15 @@
 A checkpoint is a folder: the model's ``save_pretrained`` (safetensors, config, generation config), the
 tokenizer, and ``trainer_state.pt`` (the AdamW state; within an update also the scheduler, the step
 counter, the metrics so far and a fingerprint of the update it belongs to). It is written into a hidden
-sibling folder ``.<name>.partial-<random>`` and renamed when complete, so a folder under its real name is
-always a whole checkpoint: a process killed while writing leaves only a hidden partial folder, which
-nothing reads. Files are fsynced before the rename, so a machine crash does not leave a complete-looking
-folder with empty files either.
+sibling folder ``.<name>.partial-<random>`` and renamed when complete (files fsynced first), then marked
+complete by its manifest ``<name>.json`` beside it (data/checkpoints.py, the one rule for every
+checkpoint): readers take only a folder with a manifest, so a process killed while writing leaves
+nothing that is read.
 
 Extragradient rounds (EGPO, Nash-MP) step twice from the same θ_t: :func:`snapshot` keeps θ_t and its
 optimizer state in memory, :func:`restore` puts them back. Across processes the anchor checkpoint plays
-that role (its ``trainer_state.pt`` holds the optimizer state): :func:`load_checkpoint` it again.
+that role (its ``trainer_state.pt`` holds the optimizer state): load it again
+(``solvers.causal_lm.load_checkpoint``).
 """
 
 from __future__ import annotations
@@ -25,20 +26,25 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from solvers.causal_lm import CausalLMConfig, CausalLMPolicy
+from data import Store
+from data import checkpoints as marks
 
 TRAINER_STATE = "trainer_state.pt"
 STEP_PREFIX = "step-"
 
 
-def save_checkpoint(path: str | os.PathLike, model, tokenizer, trainer_state: dict | None = None, *, overwrite: bool = False) -> Path:
+def save_checkpoint(
+    path: str | os.PathLike, model, tokenizer, trainer_state: dict | None = None, *, overwrite: bool = False, manifest: dict | None = None
+) -> Path:
     """Write model (safetensors), tokenizer and ``trainer_state`` (torch.save; tensors, numbers,
-    strings, lists and dicts only) into the folder ``path``, atomically. Refuses an existing ``path``
-    unless ``overwrite``. Returns ``path``."""
+    strings, lists and dicts only) into the folder ``path``, atomically, then its ``manifest`` (which
+    marks it complete). Refuses an existing ``path`` unless ``overwrite``. Returns ``path``."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
+    store, name = _local(path)
+    marks.unmark(store, name)  # replacing: not complete until the new manifest is written
     partial = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
         model.save_pretrained(partial)
@@ -55,7 +61,17 @@ def save_checkpoint(path: str | os.PathLike, model, tokenizer, trainer_state: di
             os.rename(partial, path)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
+    marks.mark_complete(store, name, manifest)
     return path
+
+
+def is_complete(path: str | os.PathLike) -> bool:
+    """Whether the local folder ``path`` is a complete checkpoint (data/checkpoints.py)."""
+    return marks.is_complete(*_local(Path(path)))
+
+
+def _local(path: Path) -> tuple[Store, str]:
+    return Store(path.parent), path.name
 
 
 def load_weights(model, path: str | os.PathLike) -> None:
@@ -81,16 +97,6 @@ def load_trainer_state(path: str | os.PathLike) -> dict | None:
     """The ``trainer_state.pt`` of checkpoint ``path`` (tensors on the CPU), or None if it has none."""
     f = Path(path) / TRAINER_STATE
     return torch.load(f, map_location="cpu", weights_only=True) if f.is_file() else None
-
-
-def load_checkpoint(path: str | os.PathLike, config: CausalLMConfig | None = None) -> tuple[CausalLMPolicy, dict | None]:
-    """(policy, optimizer state or None) from a checkpoint folder: what a round's update starts from.
-    Pass the optimizer state to ``trainer.update(..., optimizer_state=...)`` to keep AdamW's moments.
-    The weights load in float32 unless ``config`` says otherwise: they are the master weights that
-    bf16 autocast trains (``CausalLMConfig``'s own default would give bf16 on CUDA)."""
-    policy = CausalLMPolicy.load(path, config or CausalLMConfig(dtype="float32"))
-    state = load_trainer_state(path)
-    return policy, (state or {}).get("optimizer")
 
 
 def save_step(directory: str | os.PathLike, run, tokenizer) -> Path:
@@ -136,23 +142,19 @@ def step_checkpoint(directory: str | os.PathLike, step: int) -> Path:
 
 
 def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
-    """The complete step checkpoint with the most steps in ``directory``, or None. Hidden partial
-    folders are never considered; a named folder must also hold its trainer state and weights."""
+    """The complete step checkpoint (one with its manifest) with the most steps in ``directory``, or None."""
     directory = Path(directory)
     if not directory.is_dir():
         return None
-    done = [
-        p
-        for p in directory.glob(f"{STEP_PREFIX}*")
-        if p.is_dir() and p.name[len(STEP_PREFIX) :].isdigit() and (p / TRAINER_STATE).is_file() and any(p.glob("*.safetensors"))
-    ]
+    done = [directory / name for name in marks.complete_checkpoints(*_local(directory)) if name.startswith(STEP_PREFIX) and name[len(STEP_PREFIX) :].isdigit()]
     return max(done, key=lambda p: int(p.name[len(STEP_PREFIX) :]), default=None)
 
 
 def prune_checkpoints(directory: str | os.PathLike, keep: int) -> None:
     """Delete all but the ``keep`` latest step checkpoints (called after a new one is complete)."""
-    steps = sorted(Path(directory).glob(f"{STEP_PREFIX}*"), key=lambda p: p.name)
+    steps = sorted((p for p in Path(directory).glob(f"{STEP_PREFIX}*") if p.is_dir()), key=lambda p: p.name)
     for p in steps[: max(0, len(steps) - keep)]:
+        marks.unmark(*_local(p))  # the manifest first: a folder half deleted is never taken as complete
         shutil.rmtree(p, ignore_errors=True)
 
 

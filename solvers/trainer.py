@@ -185,7 +185,7 @@ def update(
     """Train ``policy.model`` in place on ``examples``; see the module docstring.
 
     ``policy``: a CausalLMPolicy, or (model, tokenizer). ``optimizer_state``: AdamW's state from the
-    previous update (e.g. ``checkpoint.load_checkpoint``'s); its moments are kept, the hyperparameters
+    previous update (e.g. ``causal_lm.load_checkpoint``'s); its moments are kept, the hyperparameters
     come from ``config``. ``checkpoint_dir``: where this update's step checkpoints go; if it already
     holds a complete one of the same update (same examples and config), the update resumes from it and
     skips the steps done. ``on_step(step, metrics)`` is called after each step (and its checkpoint).

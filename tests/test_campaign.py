@@ -1,14 +1,17 @@
 """A whole campaign through Prefect: it learns, it resumes, and a repeated round adds nothing."""
 
 import os
+import shutil
 
 import numpy as np
 import pytest
 
 from data import Store
 from pipelines import flows, stages
-from pipelines.components import World, build_oracle
-from pipelines.config import load_config, parse_config
+from pipelines.config import TrainerSettings, config_from_settings, load_config, parse_config
+from pipelines.oracle_factory import build_oracle
+from pipelines.versions import checkpoint_dir, ensure_reference, has_checkpoint, load_policy
+from pipelines.world import World
 from store_contents import parquet_files
 
 pytestmark = pytest.mark.slow
@@ -87,3 +90,46 @@ def test_example_configs_validate():
     for name in os.listdir(os.path.join(HERE, "..", "examples")):
         if name.endswith(".yaml"):
             load_config(os.path.join(HERE, "..", "examples", name))
+
+
+def test_a_checkpoint_without_its_manifest_is_not_taken_and_an_old_store_reads(tmp_path):
+    config, store = _config(tmp_path), Store(tmp_path / "store")
+    world = World(config)
+    ensure_reference(store, config, world)
+    assert has_checkpoint(store, "v0") and os.path.isfile(store.path("checkpoints/v0.json"))
+    reference = load_policy(store, "v0", config, world)
+    # a half-written checkpoint: its files, no manifest (a crash before the last write)
+    shutil.copytree(store.path(checkpoint_dir("v0")), store.path(checkpoint_dir("v1")))
+    assert not has_checkpoint(store, "v1")
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        load_policy(store, "v1", config, world)
+    store.delete("checkpoints/v0.json")
+    assert not has_checkpoint(store, "v0")
+    # a store written before manifests marked v0 with checkpoints/v0/_COMPLETE: it reads, and is migrated
+    store.write_bytes(f"{checkpoint_dir('v0')}/_COMPLETE", b"")
+    assert has_checkpoint(store, "v0") and os.path.isfile(store.path("checkpoints/v0.json"))
+    assert load_policy(store, "v0", config, world).responses == reference.responses
+
+
+def test_solver_configs_come_from_settings_whole():
+    from solvers.preference_model import PreferenceTrainConfig
+    from solvers.trainer import TrainerConfig
+
+    config = parse_config({**_raw_cascade(), "trainer": {"lr": 0.01, "epochs": 2, "compile": True}})
+    built = config_from_settings(TrainerConfig, config.trainer, pipeline_only={"window"}, loss="inpo", seed=3)
+    assert (built.lr, built.epochs, built.compile, built.seed) == (0.01, 2, True, 3)
+    assert config_from_settings(PreferenceTrainConfig, config.oracle.train, device="cpu").lr == config.oracle.train.lr
+    with pytest.raises(TypeError, match="window"):  # a setting the trainer would silently drop is refused
+        config_from_settings(TrainerConfig, TrainerSettings())
+
+
+def _raw_cascade():
+    return {
+        "name": "settings",
+        "store": "unused",
+        "rounds": 1,
+        "prompts": {"source": "text_world"},
+        "policy": {"kind": "causal_lm", "model": "tiny"},
+        "oracle": {"kind": "cascade", "init": "tiny", "judge": {"kind": "text_world"}},
+        "solver": {"algorithm": "inpo"},
+    }

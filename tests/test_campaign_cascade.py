@@ -11,15 +11,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from store_contents import parquet_files
 
 from data import Store
 from oracles.protocol import Judgment
 from pipelines import flows, stages
-from pipelines.components import World, build_oracle, campaign_oracle_ids
 from pipelines.config import ConfigError, parse_config
-from pipelines.human import people_oracle_id
-from pipelines.preference_models import CampaignCascade, model_rounds, read_manifest
-from store_contents import parquet_files
+from pipelines.oracle_factory import OracleSpec, build_oracle, campaign_oracle_ids, people_spec
+from pipelines.preference_models import model_rounds, read_manifest
+from pipelines.world import World
 
 ROOT = Path(__file__).resolve().parent.parent
 BUDGET = 12  # judge pairs per round, of 36 (6 prompts × 6 pairs)
@@ -108,7 +108,7 @@ def test_a_cascade_round_routes_within_its_budget_records_who_answered_and_retra
 def test_people_after_the_judge_get_its_overflow_within_their_budget(campaign, tmp_path, monkeypatch):
     class People:  # a queued oracle: people answer later, under their own id
         def __init__(self):
-            self.oracle_id = people_oracle_id(config)
+            self.oracle_id = people_spec(config).oracle_id
             self.submitted = []
 
         def submit(self, pairs, *, round):
@@ -118,7 +118,7 @@ def test_people_after_the_judge_get_its_overflow_within_their_budget(campaign, t
     raw = _raw(tmp_path / "store", people=True, people_pairs=5, budget={"pairs": 4})
     config = parse_config({**raw, "humans": {"share": 0.0, "url": "http://127.0.0.1:1"}})
     people = People()
-    monkeypatch.setattr("pipelines.human.people_oracle", lambda config: people)
+    monkeypatch.setattr("pipelines.oracle_factory.people_spec", lambda config: OracleSpec(people.oracle_id, lambda: people))
     store = Store(config.store)
     pairs = stages.pair_responses(store, round=2, policy_version="v1", strategy="all_pairs", skip_identical=True, seed=0)
     oracle = build_oracle(config, World(config))
@@ -135,7 +135,7 @@ def test_people_after_the_judge_get_its_overflow_within_their_budget(campaign, t
 
     # stored, the round's budgets count what it holds: a fresh cascade for the round has nothing left
     store.write("comparisons", [j.row(oracle.oracle_id, 2) for j in judgments])
-    again = CampaignCascade(config, World(config)).for_round(2)
+    again = build_oracle(config, World(config)).for_round(2)
     assert again.budgets["judge"].room() == 0 and again.budgets["people"].room() == 0
 
 
@@ -146,7 +146,7 @@ def test_a_model_changed_after_it_was_written_is_refused(campaign, tmp_path):
     with open(tmp_path / "store" / "preference_models" / "r1" / "preference_model.json", "a") as f:
         f.write("\n")
     with pytest.raises(ValueError, match="changed after it was written"):
-        CampaignCascade(config, World(config)).for_round(2)
+        build_oracle(config, World(config)).for_round(2)
 
 
 @pytest.mark.slow

@@ -44,7 +44,7 @@ def test_sppo_trains_per_response_in_a_campaign(tmp_path, prefect_harness):
     flows.alignment_campaign(config)
     table = stages.rounds_table(Store(config.store))
     assert "loss/sppo" in table and 0.0 <= table["pref/win_rate"].iloc[0] <= 1.0
-    assert os.path.exists(os.path.join(config.store, "checkpoints", "v1", "_COMPLETE"))
+    assert os.path.exists(os.path.join(config.store, "checkpoints", "v1.json"))  # its manifest (data/checkpoints.py)
 
 
 def test_nash_md_compares_each_sample_with_one_from_the_mixture(tmp_path, prefect_harness):
@@ -54,7 +54,7 @@ def test_nash_md_compares_each_sample_with_one_from_the_mixture(tmp_path, prefec
     flows.alignment_campaign(config)
     store = Store(config.store)
     table = stages.rounds_table(store)
-    assert "loss/nash_md" in table and os.path.exists(os.path.join(config.store, "checkpoints", "v2", "_COMPLETE"))
+    assert "loss/nash_md" in table and os.path.exists(os.path.join(config.store, "checkpoints", "v2.json"))
 
     responses = store.read("responses", rounds=[2]).set_index("response_id")
     train = responses[responses["prompt_id"].isin(store.read("prompts").query("split == 'train'")["prompt_id"])]

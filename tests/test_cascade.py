@@ -11,7 +11,8 @@ from dataclasses import replace
 import pytest
 
 from data.store import Store
-from oracles.cascade import Budget, Cascade, Confident, OrdersAgree, Stage
+from oracles.budget import Budget
+from oracles.cascade import Cascade, Confident, OrdersAgree, Stage
 from oracles.learned import LearnedOracle
 from oracles.protocol import NOT_JUDGED, Judgment, Pair, make_oracle_id
 from oracles.text_world import letter_world
@@ -165,7 +166,7 @@ def test_a_usd_budget_admits_by_worst_case_and_counts_true_costs():
     assert [len(c) for c in judge.calls] == [3, 1, 1]
     assert cascade.stages[1].budget.spent_usd == pytest.approx(0.010)
     with pytest.raises(ValueError, match="usd_per_pair"):
-        Budget(usd=1.0)
+        Stage(judge, budget=Budget(usd=1.0))
 
 
 def test_the_store_records_who_answered_and_metrics_show_share_and_cost(tmp_path):

@@ -310,7 +310,7 @@ def test_save_then_load_gives_the_same_policy(tmp_path):
     path = tmp_path / "round-1"
     policy.save(path)
     assert (path / "model.safetensors").is_file() and (path / "tokenizer_config.json").is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["round-1"]  # no partial folder left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["round-1", "round-1.json"]  # its manifest, no partial folder left
     loaded = CausalLMPolicy.load(path, CausalLMConfig(max_new_tokens=8, dtype="float32"))  # as saved, on a GPU too
     assert loaded.chat and loaded.encode_prompts(PROMPTS) == policy.encode_prompts(PROMPTS)
     assert loaded.sample(PROMPTS, 2, seed=1) == policy.sample(PROMPTS, 2, seed=1)
@@ -318,7 +318,7 @@ def test_save_then_load_gives_the_same_policy(tmp_path):
     with pytest.raises(FileExistsError):
         policy.save(path)
     policy.save(path, overwrite=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["round-1"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["round-1", "round-1.json"]
 
 
 def test_a_crash_while_saving_leaves_no_checkpoint(tmp_path, monkeypatch):

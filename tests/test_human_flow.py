@@ -8,10 +8,11 @@ import pytest
 from label_studio_sdk import LabelStudio
 
 from data import Store
-from pipelines import flows, human
-from pipelines.components import World
-from pipelines.config import parse_config
 from oracles.label_studio_tasks import choice_result
+from pipelines import flows
+from pipelines.config import parse_config
+from pipelines.oracle_factory import people_spec
+from pipelines.world import World
 
 pytestmark = [pytest.mark.label_studio, pytest.mark.slow]
 
@@ -69,7 +70,7 @@ def test_a_round_waits_for_people_and_mixes_oracles(tmp_path, label_studio, pref
         person.stop.set()
         person.join(timeout=10)
     comps = Store(config.store).read("comparisons")
-    people_id = human.people_oracle_id(config)
+    people_id = people_spec(config).oracle_id
     by_people = comps[comps["oracle_id"] == people_id]
     by_machine = comps[comps["oracle_id"].str.startswith("matrix:")]
     assert len(by_people) == person.answered > 0 and len(by_machine) > 0

@@ -25,7 +25,8 @@ from oracles.judge_parse import FIRST, SECOND, TIE, logprob_p_first, parse_verdi
 from oracles.judge_template import DEFAULT_TEMPLATE, JudgeTemplate, fence, load_template
 from oracles.llm_judge import JudgeConfigError, LLMJudge, LLMJudgeConfig, Secret, judge_metrics
 from oracles.protocol import Oracle, Pair
-from oracles.rate_limit import Budget, RateLimiter, backoff_s, retry_after_s
+from oracles.budget import Budget
+from oracles.rate_limit import RateLimiter, backoff_s, retry_after_s
 from oracles.resume import unjudged
 
 FAST = dict(backoff_base_s=0.01, backoff_max_s=0.05, timeout_s=5.0)
@@ -227,7 +228,7 @@ def test_rate_limiter_and_backoff_units():
     tokens.adjust(-300)  # the first request used 200 tokens, not 500
     assert tokens.reserve(100) == pytest.approx(2.0)
 
-    b = Budget(1.0)
+    b = Budget(usd=1.0)
     assert b.admit(0.6) is True and b.admit(0.6) is None  # does not fit while 0.6 is reserved
     b.settle(0.6, 0.1)
     assert b.admit(0.6) is True and b.admit(0.4) is None

@@ -363,7 +363,8 @@ def test_killed_in_the_judge_stage_then_retried_loses_and_duplicates_no_comparis
 
 
 def test_killed_in_the_update_then_retried_resumes_from_its_step_checkpoint(server, tmp_path):
-    from solvers.checkpoint import latest_checkpoint, load_checkpoint
+    from solvers.causal_lm import load_checkpoint
+    from solvers.checkpoint import latest_checkpoint
 
     store = tmp_path / "store"
     raw = {"name": "crash-update", "store": str(store), "rounds": 1, "prompts": {"source": "text_world", "limit_train": 6, "limit_eval": 2},

@@ -197,3 +197,21 @@ def test_export_trl_style(tmp_path):
     with pytest.raises(StoreError, match="already exists"):
         export_preferences(store, str(tmp_path / "prefs.jsonl"))
     assert export_preferences(store, str(tmp_path / "prefs.parquet")) == 2
+
+
+def test_a_checkpoint_is_complete_once_its_manifest_is_written_and_old_markers_migrate(tmp_path):
+    from data import checkpoints as marks
+
+    store = Store(tmp_path / "store")
+    store.write_bytes("models/r1/weights.bin", b"half")  # written, but not (yet) marked complete
+    assert not marks.is_complete(store, "models/r1") and marks.complete_checkpoints(store, "models") == []
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        marks.read_manifest(store, "models/r1")
+    marks.mark_complete(store, "models/r1", {"fingerprint": "abc"})
+    assert marks.read_manifest(store, "models/r1") == {"fingerprint": "abc"} and marks.complete_checkpoints(store, "models") == ["r1"]
+    assert sorted(os.listdir(store.path("models/r1"))) == ["weights.bin"]  # the folder is what its writer wrote
+    # a checkpoint marked the old way (an empty _COMPLETE inside) is complete, and gets its manifest
+    store.write_bytes("models/r0/_COMPLETE", b"")
+    assert marks.is_complete(store, "models/r0") and marks.complete_checkpoints(store, "models") == ["r0", "r1"]
+    marks.unmark(store, "models/r1")
+    assert not marks.is_complete(store, "models/r1")

@@ -10,6 +10,7 @@ Run as a script (``torchrun … tests/test_trainer.py --ddp-worker OUT``) it is 
 from __future__ import annotations
 
 import math
+import shutil
 import sys
 
 import pytest
@@ -18,7 +19,7 @@ from torchrun_workers import run_two_workers
 
 from solvers import checkpoint as ckpt
 from solvers import algorithms, losses, trainer
-from solvers.causal_lm import tiny_policy
+from solvers.causal_lm import load_checkpoint, tiny_policy
 from solvers.trainer import Example, NonFiniteLossError, TrainerConfig
 
 PROMPTS = ["ab", "hello there", "x", "qq", "a longer prompt here", "zz top", "p", "what now?"]
@@ -142,6 +143,9 @@ def test_a_checkpoint_is_whole_or_absent(tmp_path, monkeypatch):
     partial.mkdir()
     (partial / ckpt.TRAINER_STATE).write_bytes(b"half")
     (tmp_path / "step-00000008").mkdir()
+    # a folder with every file but no manifest (data/checkpoints.py: written last) is not complete either
+    shutil.copytree(good, ckpt.step_checkpoint(tmp_path, 10))
+    assert good.with_suffix(".json").is_file() and not ckpt.is_complete(ckpt.step_checkpoint(tmp_path, 10))
     assert ckpt.latest_checkpoint(tmp_path) == good
     assert ckpt.load_trainer_state(good) == {"step": 2}
 
@@ -167,7 +171,7 @@ def test_a_killed_update_resumes_to_the_same_weights(tmp_path):
     assert_same_weights(weights(resumed_policy.model), weights(uninterrupted.model))
     assert [h["loss/inpo"] for h in resumed.history] == [h["loss/inpo"] for h in expected.history]
     # the final checkpoint loads as a policy with its optimizer state
-    loaded, opt = ckpt.load_checkpoint(resumed.checkpoint)
+    loaded, opt = load_checkpoint(resumed.checkpoint)
     assert_same_weights(weights(loaded.model), weights(uninterrupted.model))
     assert opt is not None and len(opt["state"]) == len(list(loaded.model.parameters()))
     # another update's checkpoints are refused, not mixed in
@@ -190,7 +194,7 @@ def test_a_nan_loss_stops_the_update_and_names_the_batch(tmp_path):
     last_good = ckpt.step_checkpoint(tmp_path, 2)
     assert err.value.checkpoint == last_good == ckpt.latest_checkpoint(tmp_path)
     # the bad step was not applied: the model still holds step 2's weights, which the checkpoint keeps
-    assert_same_weights(weights(policy.model), weights(ckpt.load_checkpoint(last_good)[0].model))
+    assert_same_weights(weights(policy.model), weights(load_checkpoint(last_good)[0].model))
     assert all(torch.isfinite(v).all() for v in weights(policy.model).values())
 
 
@@ -214,7 +218,7 @@ def test_extragradient_restores_the_anchor_and_its_optimizer_state(tmp_path):
     assert_same_weights(weights(policy.model), theta_t)
     assert_same_state(restored_opt, opt_t_copy)  # phase 1 did not write into the anchor's moments
     assert not states_equal(midpoint.optimizer_state, opt_t_copy)
-    reloaded, reloaded_opt = ckpt.load_checkpoint(anchor_dir)
+    reloaded, reloaded_opt = load_checkpoint(anchor_dir)
     assert_same_weights(weights(reloaded.model), theta_t)
     assert_same_state(reloaded_opt, opt_t_copy)
 

@@ -1,0 +1,146 @@
+"""Every oracle of a campaign, built from its config: one entry per oracle kind (matrix, text_world,
+llm_judge, learned, cascade) and people (Label Studio).
+
+An entry returns an ``OracleSpec``: the oracle's id and ``build()``, made together from the same
+settings, so an id cannot drift from the oracle it names. The id is known without building: no secret
+is resolved (an LLM judge's API key, Label Studio's token never change answers) and no weights are
+loaded (a learned model's id is its checkpoint's fingerprint), so the stages that only read judgments
+(retraining, diagnostics) need neither.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from oracles.learned import LearnedOracle
+from oracles.matrix import MatrixOracle
+from oracles.text_world import TextWorldOracle
+from pipelines.config import CampaignConfig
+from pipelines.preference_models import CampaignCascade, cascade_oracle_id
+from pipelines.secrets import resolve
+from pipelines.world import World
+
+
+@dataclass(frozen=True)
+class OracleSpec:
+    """An oracle before it is built: its ``oracle_id``, and ``build()`` (resolves secrets, loads models)."""
+
+    oracle_id: str
+    build: Callable[[], Any]
+
+
+def oracle_spec(cfg, config: CampaignConfig, world: World) -> OracleSpec:
+    """The oracle that ``cfg`` (the campaign's ``oracle``, or a cascade's ``judge``) describes."""
+    if cfg.kind not in KINDS:
+        raise ValueError(f"unknown oracle kind {cfg.kind!r}")
+    return KINDS[cfg.kind](cfg, config, world)
+
+
+def build_oracle(config: CampaignConfig, world: World):
+    """The campaign's oracle. A ``learned`` model answers every pair; a ``cascade`` is one object for the
+    whole campaign (pipelines/preference_models.CampaignCascade): it judges each pair with the learned
+    model of the pair's round, then its judge, within that round's budget."""
+    return oracle_spec(config.oracle, config, world).build()
+
+
+def campaign_oracle_ids(config: CampaignConfig, world: World) -> set[str]:
+    """The oracles whose judgments this campaign's solver reads: the machine oracle and/or people.
+
+    A cascade's id is the same for every round although its learned model changes (a campaign's
+    model versions all live in its store, and round r always uses the one trained before it): each
+    stored judgment names the model version that answered in ``detail`` (``answered_by``, ``prefmodel``),
+    so the versions stay apart in the data without splitting the campaign's judgments by id."""
+    ids = set()
+    if config.oracle is not None:
+        ids.add(oracle_spec(config.oracle, config, world).oracle_id)
+    if config.humans is not None:
+        ids.add(people_spec(config).oracle_id)
+    return ids
+
+
+def people_oracle(config: CampaignConfig):
+    """The campaign's Label Studio oracle; URL and token are read where it runs, never stored."""
+    return people_spec(config).build()
+
+
+# ----- one entry per kind ----------------------------------------------------------------------------------
+
+
+def _built(oracle) -> OracleSpec:
+    """A synthetic oracle: cheap to build, no secrets, so its id is the built one's."""
+    return OracleSpec(oracle.oracle_id, lambda: oracle)
+
+
+def _matrix(cfg, config: CampaignConfig, world: World) -> OracleSpec:
+    return _built(MatrixOracle(world.games, mode=cfg.mode, seed=cfg.seed))
+
+
+def _text_world(cfg, config: CampaignConfig, world: World) -> OracleSpec:
+    return _built(TextWorldOracle(mode=cfg.mode, seed=cfg.seed))
+
+
+def _llm_judge(cfg, config: CampaignConfig, world: World) -> OracleSpec:
+    from oracles.llm_judge import LLMJudge, LLMJudgeConfig  # httpx and the judge's templates: only when used
+
+    settings = cfg.model_dump(exclude={"kind", "api_key_secret", "api_key_env"})
+
+    def judge(api_key: str | None) -> LLMJudge:
+        return LLMJudge(LLMJudgeConfig(**settings, api_key=api_key))
+
+    return OracleSpec(judge(None).oracle_id, lambda: judge(resolve(cfg.api_key_secret, cfg.api_key_env)))
+
+
+class _Fingerprint:
+    """Stands in for a model when only its oracle id is wanted (the id needs the fingerprint, not the weights)."""
+
+    def __init__(self, fingerprint: str):
+        self.fingerprint = fingerprint
+
+    def predict(self, prompts, a_texts, b_texts):
+        raise NotImplementedError("an id-only stand-in does not predict")
+
+
+def _learned(cfg, config: CampaignConfig, world: World) -> OracleSpec:
+    """A preference-model checkpoint folder: its id from its files alone (nothing is loaded)."""
+    from solvers.preference_model import PREFERENCE_FILE, checkpoint_fingerprint, load_preference_model
+
+    settings = Path(cfg.checkpoint).expanduser() / PREFERENCE_FILE
+    if not settings.is_file():
+        raise ValueError(f"oracle.checkpoint: {cfg.checkpoint} is not a preference-model checkpoint (it has no {PREFERENCE_FILE})")
+    head = json.loads(settings.read_text())["head"]
+
+    def build() -> LearnedOracle:
+        model = load_preference_model(cfg.checkpoint, device=cfg.device)
+        return LearnedOracle(model, name=model.config.head, batch_size=cfg.batch_size)
+
+    return OracleSpec(LearnedOracle(_Fingerprint(checkpoint_fingerprint(cfg.checkpoint)), name=head).oracle_id, build)
+
+
+def _cascade(cfg, config: CampaignConfig, world: World) -> OracleSpec:
+    judge = oracle_spec(cfg.judge, config, world)
+    people = people_spec(config) if cfg.people else None
+    oracle_id = cascade_oracle_id(config, judge.oracle_id, people.oracle_id if people else None)
+    return OracleSpec(oracle_id, lambda: CampaignCascade(config, world, judge=judge, people=people))
+
+
+def people_spec(config: CampaignConfig) -> OracleSpec:
+    from oracles.label_studio import LabelStudioConfig, LabelStudioOracle  # httpx: only with people
+
+    h = config.humans
+    settings = LabelStudioConfig(campaign=config.name, overlap=h.overlap, project_id=h.project_id)
+
+    def build() -> LabelStudioOracle:
+        url = h.url or os.environ.get(h.url_env)
+        if not url:
+            raise ValueError(f"humans: no Label Studio URL (set humans.url or the environment variable {h.url_env})")
+        return LabelStudioOracle(settings, url=url, api_key=resolve(h.api_key_secret, h.api_key_env))
+
+    return OracleSpec(settings.oracle_id, build)
+
+
+KINDS: dict[str, Callable[..., OracleSpec]] = {"matrix": _matrix, "text_world": _text_world, "llm_judge": _llm_judge, "learned": _learned, "cascade": _cascade}
