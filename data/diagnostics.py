@@ -17,8 +17,6 @@ log-loss, accuracy and expected calibration error, all weighted by votes, with s
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pandas as pd
 
@@ -140,24 +138,21 @@ def logloss_gap(p_true, p_bt, p_pairwise, weights=None) -> dict:
 
 def intransitivity(store, *, rounds=None, oracle_ids=None, min_votes: float = 1, min_margin: float = 0.0) -> dict:
     """``cycle_share`` over a store's comparisons (optionally some rounds and oracles), as round metrics
-    namespaced ``intransitivity/``. Judgments that a learned model made are left out (``detail``'s
-    ``answered_by``, or the oracle id, of kind ``learned``): a model's own cycles say nothing about the
-    people or judges it imitates."""
-    c = store.read("comparisons", rounds=rounds, columns=["prompt_id", "a_id", "b_id", "oracle_id", "p_a", "n_votes", "detail"])
+    namespaced ``intransitivity/``. Judgments that a learned model made are left out (``answered_by``
+    of kind ``learned``): a model's own cycles say nothing about the people or judges it imitates."""
+    c = store.read("comparisons", rounds=rounds, columns=["prompt_id", "a_id", "b_id", "oracle_id", "p_a", "n_votes", "answered_by"])
     if oracle_ids is not None:
         c = c[c["oracle_id"].isin(set(oracle_ids))]
-    c = c[np.array([answered_by_kind(o, d) != "learned" for o, d in zip(c["oracle_id"], c["detail"])], dtype=bool)]
+    c = c[answered_kind(c) != "learned"]
     out = cycle_share(c, min_votes=min_votes, min_margin=min_margin)
     return {f"intransitivity/{k}": v for k, v in out.items()}
 
 
-def answered_by_kind(oracle_id: str, detail: str | None) -> str:
-    """The kind (``oracle_id``'s first part, see oracles/protocol.make_oracle_id) of the oracle that
-    made a stored judgment: ``detail["answered_by"]`` when a cascade stored it, else the row's own."""
-    who = oracle_id
-    if isinstance(detail, str) and '"answered_by"' in detail:
-        who = json.loads(detail).get("answered_by") or oracle_id
-    return who.split(":", 1)[0]
+def answered_kind(comparisons: pd.DataFrame) -> pd.Series:
+    """The kind (the oracle id's first part, see oracles/protocol.make_oracle_id) of the oracle that
+    answered each stored judgment: ``answered_by``, or the row's own ``oracle_id`` where that is null."""
+    who = comparisons["answered_by"].astype(object).where(comparisons["answered_by"].notna(), comparisons["oracle_id"])
+    return pd.Series([str(w).split(":", 1)[0] for w in who], index=comparisons.index, dtype=object)
 
 
 def _bce(p: np.ndarray, q: np.ndarray) -> np.ndarray:

@@ -170,8 +170,14 @@ class Store:
                 parquet = pq.ParquetFile(f)
                 _check_schema(parquet.schema_arrow, spec, path)
                 # only the columns asked for come off the disk (responses' texts and tokens are most of it)
-                present = [n for n in names if n in parquet.schema_arrow.names]
+                have = parquet.schema_arrow.names
+                present = [n for n in names if n in have]
+                migrate = spec.migration is not None and any(n in spec.migration[0] and n not in have for n in names)
+                if migrate:  # a file from before some typed columns: read what they are computed from
+                    present += [n for n in spec.migration[1] if n not in present]
                 t = parquet.read(columns=present) if where is None else pq.read_table(f, columns=present, filters=where)
+                if migrate:
+                    t = spec.migration[2](t)
         except FileNotFoundError:
             raise
         except (pa.ArrowInvalid, OSError) as e:

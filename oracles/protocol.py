@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from data.keys import comparison_id, stable_hash
+from data.schemas import ANSWERED_KEYS, answered_columns
 
 NOT_JUDGED = "not judged: "  # how a skipped judgment's ``error`` starts, whichever oracle skipped it
 
@@ -58,7 +59,9 @@ class Judgment:
             "latency_s": self.latency_s,
             "cost_usd": self.cost_usd,
             "error": self.error,
-            "detail": json.dumps(self.detail, sort_keys=True) if self.detail else None,
+            # who answered, and a cascade's route, go to typed columns; the rest of detail stays raw
+            "detail": json.dumps(raw, sort_keys=True) if (raw := {k: v for k, v in self.detail.items() if k not in ANSWERED_KEYS}) else None,
+            **answered_columns(oracle_id, self.detail),
         }
 
 

@@ -25,7 +25,6 @@ model of that round.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -334,16 +333,15 @@ class CampaignCascade:
         """Charge each budget with what the store's judgments of this round and phase already spent there."""
         if not state.budgets:
             return
-        stored = self.store.read("comparisons", rounds=[round], columns=["a_id", "oracle_id", "detail"])
+        stored = self.store.read("comparisons", rounds=[round], columns=["prompt_id", "a_id", "oracle_id", "route"])
         stored = stored[stored["oracle_id"] == self.oracle_id]
         if not set(stored["a_id"]) <= self._where.keys():
             self._read_locations()
         mine = stored[stored["a_id"].map(lambda a: self._where.get(a, (None, None))[1]) == sampled]
-        for text in mine["detail"].dropna():
-            detail = json.loads(text)
-            if detail.get("held_out"):
+        for prompt, route in zip(mine["prompt_id"], mine["route"]):
+            if route is None or self._splits.get(prompt) == "eval":  # held-out pairs are judged outside the budget
                 continue
-            for step in detail.get("route", []):
+            for step in route:
                 budget = state.budgets.get(step.get("stage"))
                 if budget is None or step.get("over_budget") or str(step.get("error") or "").startswith(NOT_JUDGED):
                     continue

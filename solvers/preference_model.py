@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoTokenizer
 
-from data.diagnostics import answered_by_kind, logloss_gap, prediction_metrics
+from data.diagnostics import answered_kind, logloss_gap, prediction_metrics
 from data.keys import stable_hash
 from solvers import checkpoint as ckpt
 from solvers import trainer
@@ -392,14 +392,14 @@ def _load_weights(model: PreferenceModel, path: Path) -> None:
 def examples_from_store(store, *, rounds=None, oracle_ids: set[str] | None = None, exclude_kinds: Sequence[str] = ("learned",)) -> list[PairExample]:
     """The store's judgments as training pairs (p_a as soft label, n_votes as weight), of the given
     rounds and oracles (None: all). Judgments made by an oracle whose kind (the first part of its
-    ``oracle_id``; through a cascade, the one in ``detail["answered_by"]``) is in ``exclude_kinds``
+    ``oracle_id``; through a cascade, the stage's: the ``answered_by`` column) is in ``exclude_kinds``
     are left out: by default a learned model's own answers, so it never trains on itself."""
     c = store.read("comparisons", rounds=rounds)
     c = c[c["p_a"].notna() & (c["n_votes"] > 0)]
     if oracle_ids is not None:
         c = c[c["oracle_id"].isin(set(oracle_ids))]
     if exclude_kinds:
-        c = c[[answered_by_kind(o, d) not in exclude_kinds for o, d in zip(c["oracle_id"], c["detail"])]]
+        c = c[~answered_kind(c).isin(set(exclude_kinds))]
     if c.empty:
         return []
     texts = store.read("responses", columns=["response_id", "text"]).set_index("response_id")["text"]

@@ -68,30 +68,33 @@ def test_a_cascade_round_routes_within_its_budget_records_who_answered_and_retra
     assert cascade_id.startswith("cascade:cascade-test:")
     comps = store.read("comparisons")
     assert set(comps["oracle_id"]) == {cascade_id}
-    details = [json.loads(d) for d in comps["detail"]]
-    train = [d for d in details if not d.get("held_out")]
+    # who answered lives in typed columns (answered_by, stage, model_version, route); detail keeps the raw rest
+    details = [json.loads(d) if d else {} for d in comps["detail"]]
+    comps["held_out"] = [bool(d.get("held_out")) for d in details]
+    train = comps[~comps["held_out"]]
     for r, version in ((1, "preference_models/r0"), (2, "preference_models/r1")):
-        mine = [d for d, rnd in zip(details, comps["round"]) if rnd == r and not d.get("held_out")]
-        assert {d["prefmodel"] for d in mine} == {version}
-        by_judge = [d for d in mine if d.get("stage") == "judge"]
+        mine = train[train["round"] == r]
+        assert set(mine["model_version"]) == {version}
+        by_judge = mine[mine["stage"] == "judge"]
         assert 0 < len(by_judge) <= BUDGET  # the budget holds, per round
-        assert all(d["answered_by"].startswith("text_world:") for d in by_judge)
-        assert all(d["answered_by"].startswith("learned:") for d in mine if d.get("stage") == "learned")
+        assert by_judge["answered_by"].str.startswith("text_world:").all()
+        assert mine.loc[mine["stage"] == "learned", "answered_by"].str.startswith("learned:").all()
+        assert all(route[-1]["stage"] == stage for route, stage in zip(mine["route"], mine["stage"]) if stage is not None)
         # past the budget: stored without a probability (a rerun does not ask again), the route says why
-        over = [d for d in mine if d.get("not_judged") == "budget"]
-        assert over and all(d["route"][-1].get("over_budget") for d in over)
-    learned_ids = {d["answered_by"] for d in train if d.get("stage") == "learned"} | {d["route"][0]["oracle"] for d in train}
+        over = mine[[details[i].get("not_judged") == "budget" for i in mine.index]]
+        assert len(over) and all(route[-1]["over_budget"] for route in over["route"])
+    learned_ids = set(train.loc[train["stage"] == "learned", "answered_by"]) | {route[0]["oracle"] for route in train["route"]}
     assert len(learned_ids) == 2  # r0 and r1 answered as two oracles, told apart by their fingerprints
     assert comps.loc[[d.get("not_judged") is not None for d in details], "p_a"].isna().all()
     # the held-out evaluation pairs went to the judge alone
-    held_out = [d for d in details if d.get("held_out")]
-    assert held_out and all(d["answered_by"].startswith("text_world:") for d in held_out)
+    held_out = comps[comps["held_out"]]
+    assert len(held_out) and held_out["answered_by"].str.startswith("text_world:").all()
 
     # a checkpoint per round, the next round judged with it, and the metrics of both
     assert model_rounds(store) == [0, 1, 2]
     fingerprints = {read_manifest(store, r)["fingerprint"] for r in (0, 1, 2)}
     assert len(fingerprints) == 3
-    assert {d["route"][0]["oracle"].split("@")[1][:12] for d in train} == {read_manifest(store, r)["fingerprint"][:12] for r in (0, 1)}
+    assert {route[0]["oracle"].split("@")[1][:12] for route in train["route"]} == {read_manifest(store, r)["fingerprint"][:12] for r in (0, 1)}
     for key in ("cascade/share/learned", "cascade/share/judge", "cascade/share/not_judged", "cascade/cost_usd/judge", "prefmodel/eval_logloss", "prefmodel/train_pairs"):
         assert key in table, key
     assert (table["cascade/budget_left_pairs/judge"] >= 0).all()

@@ -5,7 +5,6 @@ what the expensive oracles answered."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 
 import pytest
@@ -176,7 +175,8 @@ def test_the_store_records_who_answered_and_metrics_show_share_and_cost(tmp_path
     store_pairs(store, pairs)
     store.write("comparisons", [j.row(cascade.oracle_id, 0) for j in got if not j.skipped])
     stored = store.read("comparisons")
-    by = stored["detail"].map(lambda d: json.loads(d)["answered_by"]).value_counts().to_dict()
+    by = stored["answered_by"].value_counts().to_dict()
+    assert (stored["stage"].dropna() != "").all() and all(route[-1]["accepted"] for route in stored["route"])
     pending = sum(j.skipped for j in got)
     assert by == {learned.oracle_id: 10, judge.oracle_id: 20 - pending} and set(stored["oracle_id"]) == {cascade.oracle_id}
     m = cascade.metrics(got)

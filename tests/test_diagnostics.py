@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import pandas as pd
@@ -87,16 +86,16 @@ def test_intransitivity_reads_a_store_and_leaves_out_learned_answers(tmp_path):
     pid = prompt_id("Write about tea.")
     ids = dict(zip("xyz", seed_responses(store, "Write about tea.", list("xyz"), round=0)))
 
-    def row(a, b, p, oracle, detail=None):
-        return {"comparison_id": f"c-{a}{b}{oracle}", "round": 0, "prompt_id": pid, "a_id": ids[a], "b_id": ids[b], "oracle_id": oracle, "p_a": p, "n_votes": 3, "detail": detail}
+    def row(a, b, p, oracle, answered_by=None):
+        return {"comparison_id": f"c-{a}{b}{oracle}", "round": 0, "prompt_id": pid, "a_id": ids[a], "b_id": ids[b], "oracle_id": oracle, "p_a": p, "n_votes": 3, "answered_by": answered_by}
 
     judge = "llm_judge:j:abc123"
     cascade = "cascade:c:def456"
     store.write("comparisons", [
         row("x", "y", 0.8, judge), row("y", "z", 0.7, judge),
         # through the cascade: answered by the judge (counts) and by a learned model (left out)
-        row("z", "x", 0.6, cascade, json.dumps({"answered_by": judge})),
-        row("x", "z", 0.9, cascade, json.dumps({"answered_by": "learned:pairwise@0123:aaaaaa"})),
+        row("z", "x", 0.6, cascade, judge),
+        row("x", "z", 0.9, cascade, "learned:pairwise@0123:aaaaaa"),
     ])  # fmt: skip
     assert intransitivity(store) == {"intransitivity/cycle_share": 1.0, "intransitivity/triples": 1, "intransitivity/cyclic_triples": 1, "intransitivity/prompts": 1}
     assert intransitivity(store, oracle_ids={judge})["intransitivity/triples"] == 0

@@ -196,7 +196,7 @@ def test_examples_from_store_leave_out_learned_answers_and_split_by_prompt(tmp_p
     judged = world.judge(pairs)
     learned = [j.row("cascade:c:000000", 0) for j in judged[:4]]
     for r in learned:
-        r["detail"] = json.dumps({"answered_by": "learned:pairwise@abc:123456"})
+        r["answered_by"] = "learned:pairwise@abc:123456"
     store.write("comparisons", [j.row(world.oracle_id, 0) for j in judged[4:]] + learned)
     examples = pm.examples_from_store(store)
     assert len(examples) == len(pairs) - 4

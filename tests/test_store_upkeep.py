@@ -168,3 +168,35 @@ def test_status_and_run_meet_a_corrupt_or_missing_store_with_one_line(tmp_path):
     assert check.returncode == 1 and str(victim) in check.stderr and "what to do" in check.stderr
     victim.unlink()
     assert _cli("compact", str(tmp_path / "s")).returncode == 0
+
+
+def test_comparisons_written_before_the_typed_columns_read_with_them(tmp_path):
+    """Who answered used to live in ``detail`` JSON: an old file reads as if written with the columns,
+    and the rule that a learned model's answers never train it holds on it."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data.diagnostics import intransitivity
+    from data.schemas import COMPARISONS
+
+    store = Store(tmp_path)
+    ids = seed_responses(store, PROMPT, ["a", "b", "c"], round=1)
+    old_schema = pa.schema([f for f in COMPARISONS.file_schema if f.name not in ("answered_by", "stage", "model_version", "route")])
+    route = [{"stage": "learned", "oracle": "learned:pairwise@abc:1", "p_a": 0.9, "cost_usd": 0.0, "accepted": True}]
+    rows = [
+        {**_comparison(ids[0], ids[1], 0.9, 1, oracle="cascade:c:1"), "detail": json.dumps({"answered_by": "learned:pairwise@abc:1", "stage": "learned", "prefmodel": "preference_models/r0", "route": route})},
+        {**_comparison(ids[1], ids[2], 0.9, 1, oracle="cascade:c:1"), "detail": None},
+        {**_comparison(ids[2], ids[0], 0.9, 1, oracle="cascade:c:1"), "detail": json.dumps({"answered_by": "judge:x:1", "stage": "judge"})},
+    ]
+    table = pa.Table.from_pylist([{k: r.get(k) for k in old_schema.names} for r in rows], schema=old_schema)
+    (tmp_path / "comparisons" / "round=1").mkdir(parents=True)
+    pq.write_table(table, tmp_path / "comparisons" / "round=1" / "part-old.parquet")
+    got = store.read("comparisons").set_index("a_id")
+    assert list(got.loc[ids, "answered_by"]) == ["learned:pairwise@abc:1", "cascade:c:1", "judge:x:1"]
+    assert got.loc[ids, "stage"].fillna("-").tolist() == ["learned", "-", "judge"] and got.at[ids[0], "model_version"] == "preference_models/r0"
+    assert got.at[ids[0], "route"][0]["stage"] == "learned" and got.at[ids[1], "route"] is None
+    # a column asked for alone migrates too; the learned answer is left out of the cycle count
+    assert store.read("comparisons", columns=["answered_by"])["answered_by"].str.startswith("learned:").sum() == 1
+    assert intransitivity(store)["intransitivity/triples"] == 0  # a → b (learned) is left out: no whole triple
