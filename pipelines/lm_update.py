@@ -56,6 +56,7 @@ def training_pairs(store: Store, config: CampaignConfig, rows: pd.DataFrame, pro
 
 
 def update_causal_lm(store: Store, config: CampaignConfig, world: World, *, round: int, phase: str, sampled_version: str, oracle_ids: set[str]) -> dict:
+    from pipelines.stages import with_update_metrics
     from solvers import checkpoint as lm_checkpoint
     from solvers import losses
     from solvers.trainer import ONE_RESPONSE, Example, TrainerConfig, update
@@ -122,11 +123,11 @@ def update_causal_lm(store: Store, config: CampaignConfig, world: World, *, roun
     # step checkpoints of an unfinished update live beside the round's checkpoints, so a killed update resumes
     work = store.local_path(work_dir(new)) if store.is_local else tempfile.mkdtemp(prefix="nashflow-update-")
     result = update(policy, examples, trainer_config, optimizer_state=optimizer_state, checkpoint_dir=work)
-    path = save_checkpoint(
-        store, new, lambda folder: lm_checkpoint.save_checkpoint(folder, policy.model, policy.tokenizer, {"optimizer": result.optimizer_state})
-    )
+    metrics = {"judged_pairs_used": len(examples), **result.summary}
+    write = lambda folder: lm_checkpoint.save_checkpoint(folder, policy.model, policy.tokenizer, {"optimizer": result.optimizer_state})  # noqa: E731
+    path = save_checkpoint(store, new, with_update_metrics(write, metrics))
     shutil.rmtree(work, ignore_errors=True)
-    return {"version": new, "checkpoint": path, "judged_pairs_used": len(examples), **result.summary}
+    return {"version": new, "checkpoint": path, **metrics}
 
 
 def per_response_examples(pairs: pd.DataFrame, rows: pd.DataFrame, logp: dict, anchor_version: str, finished: pd.Series, tokens: pd.Series, scored: set) -> list:

@@ -4,6 +4,7 @@ holds and does only what is missing, so a crashed round resumes by running it ag
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -12,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from data import Store, comparison_id, prompt_id, response_id
-from data.diagnostics import intransitivity
+from data.diagnostics import intransitivity, judgment_counts
 from data.keys import stable_hash
 from oracles.protocol import Pair
 from oracles.resume import unjudged
@@ -169,11 +170,34 @@ def judged_pairs(store: Store, *, oracle_ids: set[str], up_to_round: int) -> lis
     ]
 
 
+UPDATE_METRICS = "update_metrics.json"  # in a checkpoint's folder: the metrics of the update that made it
+
+
+def with_update_metrics(write, metrics: dict):
+    """A checkpoint writer (``save_checkpoint``'s ``write``) that also puts the update's ``metrics`` in the
+    folder: the checkpoint is written once, so a resumed round that finds it stored reports the loss of
+    the update that made it instead of none."""
+
+    def write_with_metrics(folder: str) -> None:
+        write(folder)
+        with open(os.path.join(folder, UPDATE_METRICS), "w") as f:
+            json.dump(metrics, f, sort_keys=True)
+
+    return write_with_metrics
+
+
+def stored_update_metrics(store: Store, policy_version: str) -> dict:
+    """What ``with_update_metrics`` kept beside a checkpoint ({} for one saved before it existed)."""
+    path = f"{checkpoint_dir(policy_version)}/{UPDATE_METRICS}"
+    return json.loads(store.read_bytes(path)) if store.exists(path) else {}
+
+
 def update_policy(store: Store, config: CampaignConfig, world: World, *, round: int, phase: str, sampled_version: str, oracle_ids: set[str]) -> dict:
-    """The solver's step on the judged pairs; writes the new version's checkpoint (once)."""
+    """The solver's step on the judged pairs; writes the new version's checkpoint (once), with the update's
+    metrics beside it. When the checkpoint is already stored, returns those metrics again."""
     new = version(round, phase)
     if has_checkpoint(store, new):
-        return {"version": new, "already_stored": True}
+        return {**stored_update_metrics(store, new), "version": new, "already_stored": True}
     if config.policy.kind == "causal_lm":
         from pipelines.lm_update import update_causal_lm
 
@@ -183,8 +207,9 @@ def update_policy(store: Store, config: CampaignConfig, world: World, *, round: 
     midpoint = load_policy(store, version(round, "midpoint"), config, world) if two_phase else None
     judged = judged_pairs(store, oracle_ids=oracle_ids, up_to_round=round)
     policy = anchor.update(judged, solver_params(config), phase, midpoint)
-    path = save_checkpoint(store, new, policy.save)
-    return {"version": new, "checkpoint": path, "judged_pairs_used": len(judged)}
+    metrics = {"judged_pairs_used": len(judged)}
+    path = save_checkpoint(store, new, with_update_metrics(policy.save, metrics))
+    return {"version": new, "checkpoint": path, **metrics}
 
 
 def ground_truth_metrics(policy, world: World, config: CampaignConfig, round: int) -> dict:
@@ -240,7 +265,11 @@ def evaluate_policy(store: Store, config: CampaignConfig, world: World, *, round
     # how intransitive the judgments so far are: a share of cyclic triples near zero means a reward
     # model would do; well above it, only a Nash method can represent the preferences
     cycles = intransitivity(store, rounds=range(round + 1), oracle_ids=campaign_oracle_ids(config, world))
-    metrics = {**stage_metrics, **evaluation, **{k: v for k, v in cycles.items() if v is not None}}
+    # the round's training judgments as the store holds them: pref/judged_now counts only the last
+    # attempt's, which is 0 when a resumed round finds its pairs judged already
+    counts = judgment_counts(store, rounds=[round])
+    held = {"pref/round_judged": counts["train_answered"], "pref/round_abstained": counts["train"] - counts["train_answered"]}
+    metrics = {**stage_metrics, **held, **evaluation, **{k: v for k, v in cycles.items() if v is not None}}
     row = {
         "round": round,
         "policy_version": version(round),
@@ -254,7 +283,8 @@ def evaluate_policy(store: Store, config: CampaignConfig, world: World, *, round
 
 
 def rounds_table(store: Store) -> pd.DataFrame:
-    """One row per finished round with its metrics as columns."""
+    """One row per finished round with its metrics as columns; ``perf/round_seconds`` is the sum of the
+    stage timings of the run that finished the round (not the time since the campaign started)."""
     rounds = store.read("rounds").sort_values("round")
     if rounds.empty:
         return pd.DataFrame()
