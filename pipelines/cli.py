@@ -134,7 +134,7 @@ def _print_rounds(table, store=None) -> None:
 
 def _cell(column: str, row) -> str:
     v = row[column]
-    if column == "intransitivity/cycle_share" and "intransitivity/cyclic_triples" in row and row.notna()["intransitivity/triples"]:
+    if column == "intransitivity/cycle_share" and all(k in row and row[k] == row[k] for k in ("intransitivity/cyclic_triples", "intransitivity/triples")):  # x == x: not NaN
         return f"{int(row['intransitivity/cyclic_triples'])} of {int(row['intransitivity/triples'])}"
     if isinstance(v, float) and v.is_integer() and column.startswith(("pref/", "eval/pairs")):
         return str(int(v))
