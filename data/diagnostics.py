@@ -11,6 +11,10 @@ Two numbers tell a team whether Nash methods matter for its data:
   BT can only order responses, so a gap well above zero says the data holds preferences no reward
   model can represent.
 
+``judgment_counts`` is the one home of what a store's judgments are counted as (training and evaluation
+pairs, abstentions, ties, a learned model's answers), so that ``nashflow status``, ``status --fit-gap``
+and ``export`` state counts that add up.
+
 ``prediction_metrics`` is the one home of the scores a preference model reports on held-out pairs:
 log-loss, accuracy and expected calibration error, all weighted by votes, with soft labels.
 """
@@ -136,6 +140,37 @@ def logloss_gap(p_true, p_bt, p_pairwise, weights=None) -> dict:
     return {"logloss_bt": bt, "logloss_pairwise": pw, "logloss_gap": bt - pw}
 
 
+GAP_THRESHOLD = 0.01  # nats of held-out log-loss that BT must lose to count as a sign
+CYCLE_THRESHOLD = 0.05  # share of judged triples that must cycle to count as a sign
+
+
+def intransitivity_verdict(gap: float, share: float | None, triples: int, *, eval_pairs: int | None = None) -> str:
+    """What the two numbers say together, in words: a verdict of "intransitive" needs both signs (the
+    pairwise model fits held-out pairs better than Bradley–Terry by more than ``GAP_THRESHOLD``, and more
+    than ``CYCLE_THRESHOLD`` of the judged triples cycle); one sign alone is inconclusive."""
+    fits = gap > GAP_THRESHOLD
+    few = f" ({eval_pairs} held-out pairs: the gap is noisy)" if eval_pairs is not None and eval_pairs < 500 else ""
+    if share is None:
+        if fits:
+            return f"→ inconclusive: the pairwise model fits better{few}, but no response triple has all three pairs judged, so no cycle can be seen"
+        return f"→ no sign of intransitivity{few}; no response triple has all three pairs judged, so cycles cannot be checked"
+    cycles = share > CYCLE_THRESHOLD
+    if fits and cycles:
+        return (
+            f"→ signs of intransitive preferences: {share:.0%} of {triples} judged triples cycle and the pairwise model fits better;"
+            " no scalar reward represents them: Nash methods matter for these data"
+        )
+    if cycles:
+        return f"→ inconclusive: {share:.0%} of {triples} judged triples cycle, but the pairwise model does not fit held-out pairs better{few}"
+    seen = "no judged triple cycles" if share == 0 else f"only {share:.1%} of judged triples cycle"
+    if fits:
+        return (
+            f"→ inconclusive: the pairwise model fits better{few}, but {seen}: the gap alone does not show intransitivity (it can also come"
+            " from probabilities a logistic reward fits poorly, or from noise); a scalar reward may do for these data"
+        )
+    return f"→ no sign of intransitivity: {seen} and a Bradley–Terry reward model fits about as well{few}"
+
+
 def intransitivity(store, *, rounds=None, oracle_ids=None, min_votes: float = 1, min_margin: float = 0.0) -> dict:
     """``cycle_share`` over a store's comparisons (optionally some rounds and oracles), as round metrics
     namespaced ``intransitivity/``. Judgments that a learned model made are left out (``answered_by``
@@ -153,6 +188,38 @@ def answered_kind(comparisons: pd.DataFrame) -> pd.Series:
     answered each stored judgment: ``answered_by``, or the row's own ``oracle_id`` where that is null."""
     who = comparisons["answered_by"].astype(object).where(comparisons["answered_by"].notna(), comparisons["oracle_id"])
     return pd.Series([str(w).split(":", 1)[0] for w in who], index=comparisons.index, dtype=object)
+
+
+def judgment_counts(store, *, rounds=None) -> dict:
+    """What a store's ``comparisons`` table holds (optionally some rounds), counted once, every way the
+    commands count it. A row is one judgment: an ordered pair (a pair asked in both orders is two rows)
+    by one oracle, in one round.
+
+    judgments          every stored row = train + eval
+    train, eval        rows on training prompts (the pairs the solver learns from) and on held-out
+                       prompts (the win-rate's policy-vs-reference pairs, never trained on)
+    abstained          rows without an answer (p_a missing): no solver, fit or export uses them
+    train_answered     train − the abstentions among them (what the rounds table's ``train judged`` sums to)
+    eval_answered      eval − the abstentions among them (``eval judged``, the win-rate's ``eval/pairs``)
+    ties               answered rows with p_a = ½ (``export`` leaves them out unless asked)
+    learned            answered rows a learned model gave (``status --fit-gap`` leaves them out)
+    rounds             the rounds these rows come from
+    """
+    c = store.read("comparisons", rounds=rounds, columns=["prompt_id", "oracle_id", "p_a", "answered_by", "round"])
+    split = c["prompt_id"].map(store.read("prompts", columns=["prompt_id", "split"]).set_index("prompt_id")["split"])
+    answered = c["p_a"].notna()
+    learned = (answered_kind(c) == "learned").to_numpy(dtype=bool)
+    return {
+        "judgments": len(c),
+        "train": int((split == "train").sum()),
+        "eval": int((split == "eval").sum()),
+        "abstained": int((~answered).sum()),
+        "train_answered": int(((split == "train") & answered).sum()),
+        "eval_answered": int(((split == "eval") & answered).sum()),
+        "ties": int((c["p_a"] == 0.5).sum()),
+        "learned": int((answered & learned).sum()),
+        "rounds": sorted(int(r) for r in c["round"].unique()),
+    }
 
 
 def _bce(p: np.ndarray, q: np.ndarray) -> np.ndarray:

@@ -92,14 +92,38 @@ def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+LEGEND = {  # what each plotted metric is, for a reader of the plot (docs/solvers.md lists the keys)
+    "eval/duality_gap": "duality gap of the policy",
+    "eval/duality_gap_exact_solver": "duality gap of the exact solver (same iterations)",
+    "eval/kl_to_nash": "KL(π*‖π) to the regularized equilibrium",
+    "eval/win_rate_vs_ref": "win-rate of the policy against the reference",
+}
+
+
 def plot_metrics(store: Store, table: pd.DataFrame) -> str | None:
     """Write a PNG of the per-round metrics into the store; returns its path."""
+    fig = metrics_figure(table)
+    if fig is None:
+        return None
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return store.write_bytes(PLOT, buf.getvalue())
+
+
+def metrics_figure(table: pd.DataFrame):
+    """The per-round metrics as a matplotlib figure (None when the table has none to draw): distances to
+    the equilibrium on one panel; the win-rate against the reference on another, with its 95% interval
+    (``eval/win_rate_ci95`` is the half-width) as a band and ½ — no better than the reference — as a line."""
     if table.empty:
         return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     groups = [
         ("distance to the Nash equilibrium", ["eval/duality_gap", "eval/duality_gap_exact_solver", "eval/kl_to_nash"], True),
@@ -110,17 +134,22 @@ def plot_metrics(store: Store, table: pd.DataFrame) -> str | None:
     if not groups:
         return None
     fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 3.8), squeeze=False)
+    rounds = table["round"]
     for ax, (title, cols, log) in zip(axes[0], groups):
         for c in cols:
-            ax.plot(table["round"], table[c], marker="o", label=c)
+            line = ax.plot(rounds, table[c], marker="o", label=LEGEND.get(c, c))[0]
+            if c == "eval/win_rate_vs_ref" and "eval/win_rate_ci95" in table and table["eval/win_rate_ci95"].notna().any():
+                half = table["eval/win_rate_ci95"]
+                ax.fill_between(rounds, table[c] - half, table[c] + half, color=line.get_color(), alpha=0.2, label="95% interval of the win-rate")
+        if "eval/win_rate_vs_ref" in cols:
+            ax.axhline(0.5, color="grey", linestyle="--", linewidth=1, label="½: no better than the reference")
+            ax.set_ylabel("P(policy preferred to reference)")
         if log and (table[cols] > 0).all().all():
             ax.set_yscale("log")
         ax.set_title(title)
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return store.write_bytes(PLOT, buf.getvalue())
+    return fig

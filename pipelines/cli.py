@@ -12,7 +12,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-app = typer.Typer(help="Nash learning from human feedback as scheduled, inspectable Prefect rounds.", no_args_is_help=True, add_completion=False)
+# rich_markup_mode=None: click's plain help. Typer's rich help panel prints each parameter's type, flags
+# and --help included ("--fit-gap <bool>"), which reads as a value to pass; the plain help shows a type
+# only for options that take a value ("--epochs <int range>").
+app = typer.Typer(
+    help="Nash learning from human feedback as scheduled, inspectable Prefect rounds.", no_args_is_help=True, add_completion=False, rich_markup_mode=None
+)
 console = Console(stderr=True, soft_wrap=True)
 
 
@@ -36,17 +41,22 @@ def _run_campaign(config) -> None:
 
     class Progress(Reporter):
         def __init__(self):
-            self.t0 = time.perf_counter()
+            self.t0 = self.round_t0 = time.perf_counter()
+            self.header = None
 
         def round_started(self, round, total):
-            console.print(f"[bold]round {round}/{total}[/bold]", end=" ")
+            # shown with the round's first stage: a round the store has finished already starts none
+            self.round_t0, self.header = time.perf_counter(), f"[bold]round {round}/{total}[/bold]"
 
         def stage(self, round, stage):
+            if self.header:
+                console.print(self.header, end=" ")
+                self.header = None
             console.print(stage, end=" ", style="dim")
 
         def round_finished(self, round, metrics):
-            keys = [k for k in ("eval/duality_gap", "eval/kl_to_nash", "eval/win_rate_vs_ref", "eval/win_rate_ci95", "pref/judged_now") if k in metrics]
-            console.print("→ " + ", ".join(f"{k.split('/')[1]} {metrics[k]:.3g}" for k in keys) + f"  [{time.perf_counter() - self.t0:.0f} s]")
+            now = time.perf_counter()
+            console.print("→ " + progress_figures(metrics) + f"  (round took {now - self.round_t0:.0f} s; {now - self.t0:.0f} s since start)", highlight=False)
 
     console.print(f"campaign [bold]{config.name}[/bold]: {config.rounds} rounds of {config.solver.algorithm}, store {config.store}")
     store = Store(config.store)
@@ -58,13 +68,29 @@ def _run_campaign(config) -> None:
         console.print()
         _fail(str(e))
     console.print()
-    _print_rounds(stages.rounds_table(store))
+    _print_rounds(stages.rounds_table(store), store)
     from pipelines.artifacts import PLOT
 
     if store.exists(PLOT):
         console.print(f"plot: {store.path(PLOT)}")
 
 
+def progress_figures(metrics: dict) -> str:
+    """A finished round's headline numbers, named as in the rounds table."""
+    parts = []
+    for key in ("eval/duality_gap", "eval/kl_to_nash"):
+        if key in metrics:
+            parts.append(f"{SHORT_NAMES[key]} {metrics[key]:.3g}")
+    if "eval/win_rate_vs_ref" in metrics:
+        ci = metrics.get("eval/win_rate_ci95")
+        parts.append(f"win vs ref {metrics['eval/win_rate_vs_ref']:.3f}" + (f" ± {ci:.3f}" if ci is not None else ""))
+    if "pref/round_judged" in metrics:
+        parts.append(f"train judged {metrics['pref/round_judged']}")
+    return ", ".join(parts)
+
+
+# Column headers of the rounds table, in order. The counts are the round's judgments as the store holds
+# them (data.diagnostics.judgment_counts), so the columns add up to the line printed under the table.
 SHORT_NAMES = {
     "round": "round",
     "eval/duality_gap": "gap",
@@ -76,23 +102,58 @@ SHORT_NAMES = {
     "cascade/share/learned": "by model",
     "cascade/share/judge": "by judge",
     "prefmodel/eval_logloss": "model log-loss",
-    "pref/judged_now": "judged",
-    "pref/abstained": "abstained",
+    "pref/round_judged": "train judged",
+    "pref/round_abstained": "abstained",
+    "eval/pairs": "eval judged",
     "cost/usd": "cost $",
-    "loss/inpo": "loss",
-    "perf/round_seconds": "seconds",
+    "loss": "loss",
+    "perf/round_seconds": "stage time",
 }
 
 
-def _print_rounds(table) -> None:
+def _print_rounds(table, store=None) -> None:
+    """The rounds table and, given the store, what its judgments add up to."""
     if table.empty:
         console.print("no finished rounds in this store")
         return
+    solver = table["solver"].iloc[-1]
+    table = table.assign(loss=table[f"loss/{solver}"]) if f"loss/{solver}" in table else table
     cols = [c for c in SHORT_NAMES if c in table.columns]
-    out = Table(*[SHORT_NAMES[c] for c in cols], title=f"rounds ({table['solver'].iloc[-1]})")
-    for row in table[cols].itertuples(index=False):
-        out.add_row(*[f"{v:.3g}" if isinstance(v, float) else str(v) for v in row])
-    Console(width=max(Console().width, 120)).print(out)
+    out = Table(*[SHORT_NAMES[c] for c in cols], title=f"rounds ({solver})")
+    for _, row in table.iterrows():
+        out.add_row(*[_cell(c, row) for c in cols])
+    wide = Console(width=max(Console().width, 120))
+    wide.print(out)
+    notes = []
+    if "intransitivity/cycle_share" in cols:
+        notes.append("cyclic triples: response triples of a prompt, all three pairs judged, whose majorities go round (rounds so far)")
+    if "perf/round_seconds" in cols:
+        notes.append("stage time: seconds the round's stages took, in the run that finished it")
+    if store is not None:
+        from data.diagnostics import judgment_counts
+
+        notes.append(judgments_line(judgment_counts(store)))
+    for note in notes:
+        wide.print(note, style="dim")
+
+
+def _cell(column: str, row) -> str:
+    v = row[column]
+    if column == "intransitivity/cycle_share" and all(k in row and row[k] == row[k] for k in ("intransitivity/cyclic_triples", "intransitivity/triples")):  # x == x: not NaN
+        return f"{int(row['intransitivity/cyclic_triples'])} of {int(row['intransitivity/triples'])}"
+    if isinstance(v, float) and v.is_integer() and column.startswith(("pref/", "eval/pairs")):
+        return str(int(v))
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def judgments_line(counts: dict) -> str:
+    """The store's judgments, split the way every command counts them (see judgment_counts)."""
+    rounds = counts["rounds"]
+    where = f"rounds {rounds[0]}–{rounds[-1]}" if len(rounds) > 1 else f"round {rounds[0]}" if rounds else "no round"
+    return (
+        f"store: {counts['judgments']} judgments ({where}) = {counts['train']} of training pairs + {counts['eval']} of evaluation pairs; "
+        f"{counts['abstained']} abstained, {counts['ties']} ties (P = ½)" + (f", {counts['learned']} by a learned model" if counts["learned"] else "")
+    )
 
 
 def _fail(message: str) -> None:
@@ -102,11 +163,13 @@ def _fail(message: str) -> None:
 
 @app.command()
 def run(
-    config: Annotated[str, typer.Argument(help="campaign config (YAML)")],
+    config: Annotated[str, typer.Argument(metavar="CONFIG", help="campaign config (YAML)")],
     store: Annotated[Optional[str], typer.Option(help="override the config's store")] = None,
     rounds: Annotated[Optional[int], typer.Option(help="override the config's number of rounds")] = None,
 ):
-    """Run a campaign from a YAML config (finished rounds in its store are skipped)."""
+    """Run a campaign from a YAML config.
+
+    Rounds its store has finished already are skipped."""
     from pipelines.config import ConfigError, load_config
 
     try:
@@ -118,7 +181,9 @@ def run(
 
 @app.command()
 def demo(store: Annotated[str, typer.Option(help="where the demo's store goes")] = "nashflow-demo"):
-    """Run the default campaign: a tiny language model learns an intransitive text world with INPO."""
+    """Run the default campaign (tiny LM, intransitive text world).
+
+    A tiny language model learns an intransitive text world with 3 rounds of INPO."""
     from pipelines.config import default_config_path, load_config
 
     _run_campaign(load_config(default_config_path(), store=store))
@@ -126,7 +191,7 @@ def demo(store: Annotated[str, typer.Option(help="where the demo's store goes")]
 
 @app.command()
 def status(
-    store: Annotated[str, typer.Argument(help="a campaign's store (folder or URI)")],
+    store: Annotated[str, typer.Argument(metavar="STORE", help="a campaign's store (folder or URI)")],
     fit_gap: Annotated[
         bool,
         typer.Option(
@@ -146,7 +211,7 @@ def status(
     try:
         opened = Store(store, must_exist=True)
         opened.verify_files()
-        _print_rounds(rounds_table(opened))
+        _print_rounds(rounds_table(opened), opened)
         if fit_gap:
             _print_fit_gap(opened, backbone=backbone, epochs=epochs, lr=lr, seed=seed)
     except StoreError as e:
@@ -156,33 +221,46 @@ def status(
 def _print_fit_gap(store, *, backbone: str, epochs: int, lr: float | None, seed: int) -> None:
     """The two numbers that say whether a scalar reward would do for a store's judgments."""
     _quiet()
-    from data.diagnostics import intransitivity
+    from data.diagnostics import CYCLE_THRESHOLD, GAP_THRESHOLD, intransitivity, intransitivity_verdict, judgment_counts
     from solvers import preference_model as pm
 
     examples = pm.examples_from_store(store)  # every oracle's judgments but a learned model's own
+    counts = judgment_counts(store)
     tiny = backbone == "tiny"
     model_config = pm.PreferenceModelConfig(head_hidden=64 if tiny else 256, max_prompt_tokens=64 if tiny else 256, max_response_tokens=64 if tiny else 256)
     train_config = pm.PreferenceTrainConfig(
         lr=lr or (3e-3 if tiny else 5e-5), schedule="constant", warmup_steps=10, micro_batch_size=32, epochs=epochs, eval_share=0.2, seed=seed
     )
     build = (lambda cfg: pm.tiny_preference_model(cfg, seed=seed)) if tiny else backbone
-    console.print(f"fitting Bradley–Terry and pairwise models ({backbone}) on {len(examples)} judged pairs …")
+    console.print(
+        f"fitting Bradley–Terry and pairwise models ({backbone}) on {len(examples)} judged pairs: the store's {counts['judgments']} judgments"
+        f" (training and evaluation pairs, every round, ties included) less {counts['abstained']} abstained and {counts['learned']} by a learned model …"
+    )
     try:
         gap = pm.compare_bt_pairwise(examples, backbone=build, model_config=model_config, train_config=train_config)
     except (pm.PreferenceDataError, pm.ModelLoadError) as e:
         _fail(f"--fit-gap: {e}")
     cycles = intransitivity(store)
     bt, pairwise, diff = (gap[f"intransitivity/logloss_{k}"] for k in ("bt", "pairwise", "gap"))
-    share = cycles["intransitivity/cycle_share"]
+    share, triples = cycles["intransitivity/cycle_share"], cycles["intransitivity/triples"]
+    held_out = int(gap["intransitivity/eval_pairs"])
     out = Console(soft_wrap=True)
-    out.print(f"held-out log-loss on {int(gap['intransitivity/eval_pairs'])} pairs of unseen prompts: Bradley–Terry {bt:.4f}, pairwise {pairwise:.4f}")
-    out.print(f"log-loss gap (BT − pairwise): {diff:+.4f}")
-    triples = cycles["intransitivity/triples"]
-    out.print(f"cyclic triples: {'n/a (no response triple has all three pairs judged)' if share is None else f'{share:.1%} of {triples}'}")
-    if diff > 0.01 or (share or 0) > 0.05:
-        out.print("→ signs of intransitive preferences, which no scalar reward represents: Nash methods matter for these data")
+    out.print(f"held-out log-loss on {held_out} pairs of unseen prompts: Bradley–Terry {bt:.4f}, pairwise {pairwise:.4f}")
+    out.print(f"log-loss gap (BT − pairwise): {diff:+.4f}  (a sign of intransitivity above {GAP_THRESHOLD})")
+    if share is None:
+        out.print("cyclic triples: n/a (no response triple has all three pairs judged)")
     else:
-        out.print("→ no sign of intransitivity: a Bradley–Terry reward model fits these judgments about as well (with few judged pairs the gap is noisy)")
+        out.print(
+            f"cyclic triples: {cycles['intransitivity/cyclic_triples']} of {triples} ({share:.1%}; a sign above {CYCLE_THRESHOLD:.0%}):"
+            " response triples of one prompt with all three pairs judged (P̂ pooled over orders and oracles) whose majorities go round"
+        )
+    out.print(intransitivity_verdict(diff, share, triples, eval_pairs=held_out))
+    if share == 0:
+        out.print(
+            "  (a world built to be intransitive shows cycles only among responses that differ on the properties its annotators"
+            " disagree about; samples that tie on one property or vary along one line give none: see docs/solvers.md)",
+            style="dim",
+        )
 
 
 @app.command()
@@ -197,7 +275,9 @@ def solve(
     every: Annotated[int, typer.Option(help="print every k-th iteration")] = 10,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object on stdout")] = False,
 ):
-    """Run an exact tabular solver on a game: KL to the equilibrium and duality gap per iteration."""
+    """Run an exact tabular solver on a game.
+
+    Prints the KL to the equilibrium and the duality gap per iteration."""
     import numpy as np
 
     from oracles.games import GameError, load_game, make_game
@@ -228,19 +308,28 @@ def solve(
 
 @app.command()
 def export(
-    store: Annotated[str, typer.Argument(help="a campaign's store")],
-    dest: Annotated[str, typer.Argument(help="output file, .parquet or .jsonl")],
+    store: Annotated[str, typer.Argument(metavar="STORE", help="a campaign's store")],
+    dest: Annotated[str, typer.Argument(metavar="DEST", help="output file, .parquet or .jsonl")],
     include_ties: Annotated[bool, typer.Option(help="keep pairs judged exactly ½")] = False,
 ):
-    """Export judged pairs as prompt/chosen/rejected (TRL style) with the preference probability."""
+    """Export judged pairs as prompt/chosen/rejected (TRL style).
+
+    Each with the preference probability: every answered judgment of every round, training and
+    evaluation pairs alike (ties only with --include-ties)."""
     from data import Store, StoreError
+    from data.diagnostics import judgment_counts
     from data.export import export_preferences
 
     try:
         n = export_preferences(Store(store), dest, include_ties=include_ties)
+        counts = judgment_counts(Store(store))
     except StoreError as e:
         _fail(str(e))
-    console.print(f"wrote {n} pairs to {dest}")
+    ties = "ties kept" if include_ties else f"{counts['ties']} ties (--include-ties keeps them)"
+    console.print(
+        f"wrote {n} pairs to {dest}: the store's {counts['judgments']} judgments ({counts['train']} of training pairs + {counts['eval']} of evaluation pairs,"
+        f" every round) less {counts['abstained']} abstained and {ties}"
+    )
 
 
 @app.command()

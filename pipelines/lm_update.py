@@ -14,7 +14,7 @@ import pandas as pd
 
 from data import Store
 from pipelines.config import CampaignConfig, config_from_settings
-from pipelines.versions import is_mixture, load_policy, save_checkpoint, version, work_dir
+from pipelines.versions import is_mixture, load_policy, save_checkpoint, version, with_update_metrics, work_dir
 from pipelines.world import World
 
 
@@ -83,11 +83,11 @@ def update_causal_lm(store: Store, config: CampaignConfig, world: World, *, roun
     # step checkpoints of an unfinished update live beside the round's checkpoints, so a killed update resumes
     work = store.local_path(work_dir(new)) if store.is_local else tempfile.mkdtemp(prefix="nashflow-update-")
     result = update(policy, examples, trainer_config, optimizer_state=optimizer_state, checkpoint_dir=work)
-    path = save_checkpoint(
-        store, new, lambda folder: lm_checkpoint.save_checkpoint(folder, policy.model, policy.tokenizer, {"optimizer": result.optimizer_state})
-    )
+    metrics = {"judged_pairs_used": len(examples), **result.summary}
+    write = lambda folder: lm_checkpoint.save_checkpoint(folder, policy.model, policy.tokenizer, {"optimizer": result.optimizer_state})  # noqa: E731
+    path = save_checkpoint(store, new, with_update_metrics(write, metrics))
     shutil.rmtree(work, ignore_errors=True)
-    return {"version": new, "checkpoint": path, "judged_pairs_used": len(examples), **result.summary}
+    return {"version": new, "checkpoint": path, **metrics}
 
 
 def update_examples(store: Store, config: CampaignConfig, *, round: int, phase: str, sampled_version: str, oracle_ids: set[str], anchor, load) -> list:

@@ -12,13 +12,13 @@ import numpy as np
 import pandas as pd
 
 from data import Store, comparison_id, prompt_id, response_id
-from data.diagnostics import intransitivity
+from data.diagnostics import intransitivity, judgment_counts
 from data.keys import stable_hash
 from oracles.protocol import Pair
 from oracles.resume import unjudged
 from pipelines.config import CampaignConfig
 from pipelines.oracle_factory import build_oracle, campaign_oracle_ids
-from pipelines.versions import checkpoint_dir, has_checkpoint, load_policy, mixture_version, save_checkpoint, version
+from pipelines.versions import checkpoint_dir, has_checkpoint, load_policy, mixture_version, save_checkpoint, stored_update_metrics, version, with_update_metrics
 from pipelines.world import World
 from solvers import tabular
 from solvers.tabular_policy import Judged
@@ -161,10 +161,11 @@ def judged_pairs(store: Store, *, oracle_ids: set[str], up_to_round: int) -> lis
 
 
 def update_policy(store: Store, config: CampaignConfig, world: World, *, round: int, phase: str, sampled_version: str, oracle_ids: set[str]) -> dict:
-    """The solver's step on the judged pairs; writes the new version's checkpoint (once)."""
+    """The solver's step on the judged pairs; writes the new version's checkpoint (once), with the update's
+    metrics beside it. When the checkpoint is already stored, returns those metrics again."""
     new = version(round, phase)
     if has_checkpoint(store, new):
-        return {"version": new, "already_stored": True}
+        return {**stored_update_metrics(store, new), "version": new, "already_stored": True}
     if config.policy.kind == "causal_lm":
         from pipelines.lm_update import update_causal_lm
 
@@ -175,8 +176,9 @@ def update_policy(store: Store, config: CampaignConfig, world: World, *, round: 
     midpoint = load_policy(store, version(round, "midpoint"), config, world) if two_phase else None
     judged = judged_pairs(store, oracle_ids=oracle_ids, up_to_round=round)
     policy = anchor.update(judged, algorithm, config.solver.tabular_params(), phase, midpoint)
-    path = save_checkpoint(store, new, policy.save)
-    return {"version": new, "checkpoint": path, "judged_pairs_used": len(judged)}
+    metrics = {"judged_pairs_used": len(judged)}
+    path = save_checkpoint(store, new, with_update_metrics(policy.save, metrics))
+    return {"version": new, "checkpoint": path, **metrics}
 
 
 def ground_truth_metrics(policy, world: World, config: CampaignConfig, round: int) -> dict:
@@ -234,7 +236,11 @@ def evaluate_policy(store: Store, config: CampaignConfig, world: World, *, round
     # within a round, so every judged triple lies in one round: reading only this round's partition
     # loses no triple and keeps the stage's cost flat as the store grows
     cycles = intransitivity(store, rounds=[round], oracle_ids=campaign_oracle_ids(config, world))
-    metrics = {**stage_metrics, **evaluation, **{k: v for k, v in cycles.items() if v is not None}}
+    # the round's training judgments as the store holds them: pref/judged_now counts only the last
+    # attempt's, which is 0 when a resumed round finds its pairs judged already
+    counts = judgment_counts(store, rounds=[round])
+    held = {"pref/round_judged": counts["train_answered"], "pref/round_abstained": counts["train"] - counts["train_answered"]}
+    metrics = {**stage_metrics, **held, **evaluation, **{k: v for k, v in cycles.items() if v is not None}}
     row = {
         "round": round,
         "policy_version": version(round),
@@ -248,7 +254,8 @@ def evaluate_policy(store: Store, config: CampaignConfig, world: World, *, round
 
 
 def rounds_table(store: Store) -> pd.DataFrame:
-    """One row per finished round with its metrics as columns."""
+    """One row per finished round with its metrics as columns; ``perf/round_seconds`` is the sum of the
+    stage timings of the run that finished the round (not the time since the campaign started)."""
     rounds = store.read("rounds").sort_values("round")
     if rounds.empty:
         return pd.DataFrame()

@@ -10,6 +10,7 @@ a version's policy.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -162,3 +163,25 @@ def worth_retrying(task, task_run, state) -> bool:
     not a bad config or data (ValueError and the like) nor a loss that went NaN (FloatingPointError):
     those fail the same way."""
     return not isinstance(state.result(raise_on_failure=False), (ValueError, TypeError, KeyError, ArithmeticError))
+
+
+UPDATE_METRICS = "update_metrics.json"  # in a checkpoint's folder: the metrics of the update that made it
+
+
+def with_update_metrics(write, metrics: dict):
+    """A checkpoint writer (``save_checkpoint``'s ``write``) that also puts the update's ``metrics`` in the
+    folder: the checkpoint is written once, so a resumed round that finds it stored reports the loss of
+    the update that made it instead of none."""
+
+    def write_with_metrics(folder: str) -> None:
+        write(folder)
+        with open(os.path.join(folder, UPDATE_METRICS), "w") as f:
+            json.dump(metrics, f, sort_keys=True)
+
+    return write_with_metrics
+
+
+def stored_update_metrics(store: Store, policy_version: str) -> dict:
+    """What ``with_update_metrics`` kept beside a checkpoint ({} for one saved before it existed)."""
+    path = f"{checkpoint_dir(policy_version)}/{UPDATE_METRICS}"
+    return json.loads(store.read_bytes(path)) if store.exists(path) else {}

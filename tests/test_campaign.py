@@ -44,6 +44,8 @@ def test_campaign_learns_and_a_repeated_round_adds_nothing(tmp_path, prefect_har
     assert np.all(np.diff(np.r_[start, gap]) < 0), f"gap should fall every round: {start}, {gap}"
     assert gap[-1] < 0.5 * start
     assert np.all(table["pref/judged_now"] > 0)
+    # one attempt per round judged all of the round's pairs, in both phases of Nash-MP (midpoint, update)
+    assert (table["pref/round_judged"] == table["pref/judged_now"] + table["midpoint/pref/judged_now"]).all()
 
     before = parquet_files(config.store)
     flows.alignment_round(config, 3)  # a finished round, run again

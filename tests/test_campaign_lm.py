@@ -1,6 +1,8 @@
 """The default campaign: a tiny causal LM learns the intransitive text world with INPO, through Prefect."""
 
+import math
 import os
+import shutil
 
 import pandas as pd
 import pytest
@@ -69,3 +71,19 @@ def test_nash_md_compares_each_sample_with_one_from_the_mixture(tmp_path, prefec
     # μ scores the training samples of π_1 the loss uses; their opponents need no log-probs under μ
     ref = set(store.read("logprobs").query("policy_version == 'v0' and round == 2")["response_id"]) & set(train.index)
     assert ref and ref <= set(train.index[train["policy_version"] == "v1"])
+
+
+def test_a_round_resumed_after_its_update_reports_the_round(tmp_path, prefect_harness):
+    config = load_config(default_config_path(), store=str(tmp_path / "store"), rounds=2)
+    flows.alignment_campaign(config)
+    store = Store(config.store)
+    first = stages.rounds_table(store).set_index("round").loc[2]
+    # the run died after round 2's update, before its row was written: the next run redoes only the row
+    shutil.rmtree(os.path.join(config.store, "rounds", "round=2"))
+    flows.alignment_campaign(config)
+    row = stages.rounds_table(store).set_index("round").loc[2]
+    assert row["pref/judged_now"] == 0  # this attempt judged nothing: the store had every pair
+    train = store.read("comparisons", rounds=[2]).merge(store.read("prompts"), on="prompt_id").query("split == 'train'")
+    assert row["pref/round_judged"] == first["pref/round_judged"] == train["p_a"].notna().sum() > 0
+    # the update that made v2 ran in the first attempt: its loss is kept beside the checkpoint
+    assert math.isfinite(row["loss/inpo"]) and row["loss/inpo"] == first["loss/inpo"]

@@ -7,8 +7,9 @@ import math
 import pandas as pd
 import pytest
 
-from data.diagnostics import cycle_share, intransitivity, logloss_gap, pair_preferences, prediction_metrics
-from data.keys import prompt_id
+from data.diagnostics import cycle_share, intransitivity, intransitivity_verdict, judgment_counts, logloss_gap, pair_preferences, prediction_metrics
+from data.export import preference_pairs
+from data.keys import prompt_id, response_id
 from data.store import Store
 from store_contents import seed_responses
 
@@ -99,3 +100,55 @@ def test_intransitivity_reads_a_store_and_leaves_out_learned_answers(tmp_path):
     ])  # fmt: skip
     assert intransitivity(store) == {"intransitivity/cycle_share": 1.0, "intransitivity/triples": 1, "intransitivity/cyclic_triples": 1, "intransitivity/prompts": 1}
     assert intransitivity(store, oracle_ids={judge})["intransitivity/triples"] == 0
+
+
+def test_judgment_counts_add_up_to_what_each_command_counts(tmp_path):
+    store = Store(tmp_path / "store")
+    ids = dict(zip("xyz", seed_responses(store, "Write about tea.", list("xyz"), round=1)))
+    # a held-out prompt: the win-rate's policy-vs-reference pair of round 2
+    epid = prompt_id("A line about paper:")
+    store.write("prompts", [dict(prompt_id=epid, prompt="A line about paper:", split="eval", source="test")])
+    new, ref = response_id(epid, "v2", 2, 0), response_id(epid, "v0", 2, 0)
+    store.write("responses", [dict(response_id=r, round=2, policy_version=v, prompt_id=epid, text=t) for r, v, t in ((new, "v2", "aaa"), (ref, "v0", "b"))])
+    judge, cascade = "llm_judge:j:abc123", "cascade:c:def456"
+
+    def row(rnd, pid, a, b, p, oracle=judge, answered_by=None):
+        return {"comparison_id": f"c-{a}{b}{oracle}", "round": rnd, "prompt_id": pid, "a_id": a, "b_id": b, "oracle_id": oracle, "p_a": p, "n_votes": 0 if p is None else 3, "answered_by": answered_by}
+
+    tea = prompt_id("Write about tea.")
+    store.write("comparisons", [
+        row(1, tea, ids["x"], ids["y"], 0.8),
+        row(1, tea, ids["y"], ids["x"], 0.5),  # the other order of the same pair: a second judgment, a tie
+        row(1, tea, ids["y"], ids["z"], None),  # abstained
+        row(1, tea, ids["x"], ids["z"], 0.9, cascade, "learned:pairwise@0123:aaaaaa"),
+        row(2, epid, new, ref, 0.7),
+    ])  # fmt: skip
+    counts = judgment_counts(store)
+    assert counts == {"judgments": 5, "train": 4, "eval": 1, "abstained": 1, "train_answered": 3, "eval_answered": 1, "ties": 1, "learned": 1, "rounds": [1, 2]}
+    assert counts["judgments"] == counts["train"] + counts["eval"]
+    # nashflow export: every answered judgment, training and evaluation alike, ties only when asked
+    assert len(preference_pairs(store)) == counts["judgments"] - counts["abstained"] - counts["ties"] == 3
+    assert len(preference_pairs(store, include_ties=True)) == counts["judgments"] - counts["abstained"]
+    # nashflow status --fit-gap: every answered judgment but a learned model's
+    from solvers.preference_model import examples_from_store
+
+    assert len(examples_from_store(store)) == counts["judgments"] - counts["abstained"] - counts["learned"] == 3
+    # a round's row: its training judgments with an answer, and its abstentions
+    assert {k: judgment_counts(store, rounds=[1])[k] for k in ("train_answered", "train", "eval")} == {"train_answered": 2 + 1, "train": 4, "eval": 0}
+
+
+@pytest.mark.parametrize(
+    "gap, share, triples, verdict",
+    [
+        (0.04, 0.2, 144, "signs of intransitive preferences: 20% of 144 judged triples cycle"),
+        (0.0375, 0.0, 144, "inconclusive: the pairwise model fits better"),  # the demo: a gap, but no cycle
+        (0.001, 0.2, 144, "inconclusive: 20% of 144 judged triples cycle, but the pairwise model does not fit"),
+        (0.001, 0.0, 144, "no sign of intransitivity: no judged triple cycles"),
+        (0.04, None, 0, "inconclusive: the pairwise model fits better"),
+        (-0.01, None, 0, "no sign of intransitivity"),
+    ],
+)
+def test_the_verdict_follows_from_both_figures(gap, share, triples, verdict):
+    said = intransitivity_verdict(gap, share, triples, eval_pairs=78)
+    assert verdict in said
+    assert ("Nash methods matter" in said) == (gap > 0.01 and (share or 0) > 0.05)
