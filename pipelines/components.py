@@ -208,13 +208,6 @@ def work_dir(version: str) -> str:
     return f"checkpoints/.work-{version}"
 
 
-def worth_retrying(task, task_run, state) -> bool:
-    """Prefect retry condition: retry what may pass the next time (a server, the network, a device),
-    not a bad config or data (ValueError and the like) nor a loss that went NaN (FloatingPointError):
-    those fail the same way."""
-    return not isinstance(state.result(raise_on_failure=False), (ValueError, TypeError, KeyError, ArithmeticError))
-
-
 def has_checkpoint(store: Store, version: str) -> bool:
     """Complete checkpoints only: the marker is written last."""
     return store.exists(f"{checkpoint_dir(version)}/_COMPLETE")

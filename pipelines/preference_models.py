@@ -39,8 +39,10 @@ from data import Store
 from oracles.cascade import Budget, Cascade, Confident, OrdersAgree, Stage
 from oracles.learned import LearnedOracle
 from oracles.protocol import NOT_JUDGED, Judgment, Pair, make_oracle_id
-from pipelines.components import World, campaign_oracle_ids, local_folder, machine_oracle, machine_oracle_id, phases, publish_folder, sampling_policy, version, worth_retrying
+from pipelines.components import World, campaign_oracle_ids, local_folder, machine_oracle, machine_oracle_id, phases, publish_folder, sampling_policy, version
 from pipelines.config import CampaignConfig
+from pipelines.gpu import HoldingGpu, gpu_slot
+from pipelines.retrying import worth_retrying
 
 MODELS = "preference_models"
 ARCHITECTURE = ("head", "pool", "head_hidden", "max_prompt_tokens", "max_response_tokens")
@@ -282,7 +284,7 @@ class CampaignCascade:
         budgets = {"judge": _share(cfg.budget.pairs, cfg.budget.usd, cfg.budget.usd_per_pair, k, n)}
         over_budget = "pass_on" if cfg.people else "stop"  # people take the judge's overflow
         stages = [
-            Stage(learned, accept=Confident(cfg.confidence), name="learned"),
+            Stage(HoldingGpu(learned), accept=Confident(cfg.confidence), name="learned"),  # the judge and people run without the slot
             Stage(self.judge_oracle, accept=judge_accept(cfg), budget=budgets["judge"], name="judge", over_budget=over_budget),
         ]
         if cfg.people:
@@ -305,7 +307,7 @@ class CampaignCascade:
 
         cfg = self.config.oracle
         k = model_for_round(self.store, self.config, round)
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp, gpu_slot():
             model = load_preference_model(local_folder(self.store, model_dir(k), tmp), device=cfg.device)
         expected = read_manifest(self.store, k)["fingerprint"]
         if model.fingerprint != expected:
@@ -456,14 +458,15 @@ def retrain_preference_model(store: Store, config: CampaignConfig, world: World,
     return metrics
 
 
-# tags=["gpu"]: the same concurrency limit as the policy update; one retry resumes from the step checkpoints
+# it holds the GPU slot like the policy update; one retry resumes from the step checkpoints
 @task(
-    name="retrain-preference-model", task_run_name="{config.name}-r{round}-retrain", cache_policy=NO_CACHE, tags=["gpu"],
+    name="retrain-preference-model", task_run_name="{config.name}-r{round}-retrain", cache_policy=NO_CACHE,
     retries=1, retry_delay_seconds=10, retry_condition_fn=worth_retrying,
 )  # fmt: skip
 def retrain_task(config: CampaignConfig, round: int) -> dict:
     store, log = Store(config.store), get_run_logger()
-    out = retrain_preference_model(store, config, World(config), round=round, log=log)
+    with gpu_slot():
+        out = retrain_preference_model(store, config, World(config), round=round, log=log)
     if out.get("prefmodel/retrained"):
         log.info(
             "round %d: preference model r%d from r%d on %d pairs: held-out log-loss %s (before %s) in %.1f s",
