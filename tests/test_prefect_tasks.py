@@ -143,6 +143,30 @@ def test_the_slot_is_held_inside_the_block_only_and_is_reentrant(gpu_limit):
     assert seen == {"before": 0, "inside": 1, "nested": 1, "not needed": 0, "after": 0}
 
 
+def test_a_cascade_holds_the_slot_around_its_learned_model_only(gpu_limit):
+    """HoldingGpu wraps a cascade's learned stage: the slot is held while it judges, not around the rest."""
+    held = []
+
+    class Model:
+        oracle_id = "learned:test"
+
+        def judge(self, pairs):
+            held.append(_active_slots(gpu_limit))
+            return []
+
+    @task(cache_policy=NO_CACHE)
+    def judge_stage():
+        gpu.HoldingGpu(Model()).judge([])
+        held.append(_active_slots(gpu_limit))  # the judge and people would run here
+
+    @flow
+    def run():
+        judge_stage()
+
+    run()
+    assert held == [1, 0]
+
+
 def test_two_tasks_take_turns_on_the_slot(gpu_limit):
     spans, lock = [], threading.Lock()
 
