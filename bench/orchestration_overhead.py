@@ -5,7 +5,8 @@ the same order, in one process. Prints one JSON line.
     python bench/orchestration_overhead.py [--config examples/tabular_nash_mp.yaml] [--rounds 4] [--repeats 2]
 
 The Prefect path pays, per round, a subflow run, one task run per stage (a constant number, not one per
-comparison), the `gpu` concurrency slot of the update, the round's artifacts and the log shipping. The
+comparison), the GPU slot of each model stage (a causal-LM config; the tabular default runs no model),
+the round's artifacts and the log shipping. The
 difference between the two paths, divided by the rounds, is that fixed per-round cost. The default
 config's rounds take a few seconds, so the key ``overhead_fraction`` reports that fixed cost against a
 round of ``--round-seconds`` (60) of real work, as the goal is stated; ``overhead_fraction_measured``
@@ -105,7 +106,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=2, help="each path runs this many times; the fastest counts")
     ap.add_argument("--round-seconds", type=float, default=60.0, help="the round length the headline fraction is stated for")
-    ap.add_argument("--no-gpu-limit", action="store_true", help="skip `prefect concurrency-limit create gpu 1` (the README's setup creates it)")
+    ap.add_argument("--no-gpu-limit", action="store_true", help="skip `prefect gcl create gpu-<hostname> --limit 1` (the README's setup creates it)")
     args = ap.parse_args()
 
     scratch = tempfile.mkdtemp(prefix="nashflow-bench-overhead-")
@@ -116,7 +117,9 @@ def main() -> None:
     os.environ["PREFECT_API_URL"] = url
     try:
         if not args.no_gpu_limit:
-            subprocess.run([sys.executable, "-m", "prefect", "concurrency-limit", "create", "gpu", "1"], check=True, capture_output=True, env=os.environ)
+            from pipelines.gpu import limit_name
+
+            subprocess.run([sys.executable, "-m", "prefect", "gcl", "create", limit_name(), "--limit", "1"], check=True, capture_output=True, env=os.environ)
         from pipelines import flows
         from pipelines.config import load_config
 

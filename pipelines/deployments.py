@@ -140,8 +140,9 @@ def release_orphans(recent: int = 20) -> int:
     earlier attempts of this run (a Retry) and of the latest crashed campaign and round runs.
 
     A process killed with SIGKILL reports nothing; its worker marks the flow run Crashed, but the runs
-    inside it stay Running in the UI for ever, and a task holding the ``gpu`` concurrency slot keeps
-    it until its lease expires (about a minute, the server's lease duration). Called first thing in a
+    inside it stay Running in the UI for ever (and the server releases the slots of a tag concurrency
+    limit only when their task run leaves Running; the GPU slot, held in code, comes back when its
+    60 s lease expires: pipelines/gpu.py). Called first thing in a
     run, before any task of its own starts, so every Running child found is an orphan. Returns how many
     runs it marked."""
     from prefect.client.orchestration import get_client

@@ -15,9 +15,11 @@ from prefect.cache_policies import NO_CACHE
 from data import Store
 from pipelines import artifacts, human, secrets, stages
 from pipelines.config import CampaignConfig
-from pipelines.oracle_factory import build_oracle, campaign_oracle_ids
+from pipelines.gpu import gpu_slot, policy_runs_model
+from pipelines.oracle_factory import build_oracle, campaign_oracle_ids, oracle_runs_model
 from pipelines.progress import reporter
-from pipelines.versions import load_policy, version, work_dir, worth_retrying
+from pipelines.retrying import worth_retrying
+from pipelines.versions import load_policy, version, work_dir
 from pipelines.world import World
 
 
@@ -35,14 +37,15 @@ def _sampler_version(config: CampaignConfig, round: int, phase: str) -> str:
 def sample_task(config: CampaignConfig, round: int, phase: str) -> dict:
     store, world, started = Store(config.store), World(config), time.perf_counter()
     v = _sampler_version(config, round, phase)
-    policy = load_policy(store, v, config, world)
     k = config.sampling.samples_per_prompt
-    out = stages.sample_responses(store, policy, world.prompts, round=round, policy_version=v, k=k, seed=config.seed)
-    if _against_mixture(config):  # Nash-MD's opponents, from the geometric mixture of π_t and μ
-        reference = policy if v == "v0" else load_policy(store, "v0", config, world)  # round 1 samples from μ itself
-        mixture = (reference, config.sampling.mixture_weight)
-        mixed = stages.sample_responses(store, policy, world.prompts, round=round, policy_version=v, k=k, seed=config.seed, mixture=mixture)
-        out = {key: out[key] + mixed[key] for key in out}
+    with gpu_slot(policy_runs_model(config)):
+        policy = load_policy(store, v, config, world)
+        out = stages.sample_responses(store, policy, world.prompts, round=round, policy_version=v, k=k, seed=config.seed)
+        if _against_mixture(config):  # Nash-MD's opponents, from the geometric mixture of π_t and μ
+            reference = policy if v == "v0" else load_policy(store, "v0", config, world)  # round 1 samples from μ itself
+            mixture = (reference, config.sampling.mixture_weight)
+            mixed = stages.sample_responses(store, policy, world.prompts, round=round, policy_version=v, k=k, seed=config.seed, mixture=mixture)
+            out = {key: out[key] + mixed[key] for key in out}
     get_run_logger().info(
         "round %d %s: sampled %d responses from %s (%d already stored) in %.1f s", round, phase, out["sampled"], v, out["already_stored"], time.perf_counter() - started
     )
@@ -56,13 +59,15 @@ def _against_mixture(config: CampaignConfig) -> bool:
 
 
 @task(name="pair-responses", task_run_name="{config.name}-r{round}-{phase}-pair", cache_policy=NO_CACHE)
-def pair_task(config: CampaignConfig, round: int, phase: str) -> list:
+def pair_task(config: CampaignConfig, round: int, phase: str) -> list[tuple[str, str, str]]:
+    """The phase's ordered pairs as (prompt_id, a_id, b_id): the judge and people read the texts from the
+    store. Seeded and sorted by id, so a resumed round pairs alike."""
     v = _sampler_version(config, round, phase)
     pairing = stages.pair_with_mixture if _against_mixture(config) else stages.pair_responses
     pairs = pairing(Store(config.store), round=round, policy_version=v, strategy=config.pairing.strategy, skip_identical=config.pairing.skip_identical, seed=config.seed)
     against = "its mixture's" if _against_mixture(config) else "its own"
     get_run_logger().info("round %d %s: %d ordered pairs of %s's responses with %s (%s)", round, phase, len(pairs), v, against, config.pairing.strategy)
-    return pairs
+    return stages.pair_keys(pairs)
 
 
 @task(
@@ -71,10 +76,12 @@ def pair_task(config: CampaignConfig, round: int, phase: str) -> list:
 )
 @secrets.scrub_errors
 def judge_task(config: CampaignConfig, round: int, phase: str, pairs: list) -> dict:
+    """``pairs``: pair_task's keys; the texts come from the store."""
     store, world, started = Store(config.store), World(config), time.perf_counter()
-    oracle = build_oracle(config, world)
-    progress = artifacts.JudgeProgress(config.name, round, phase, oracle.oracle_id, len(pairs))
-    out = stages.judge_pairs(store, oracle, pairs, round=round, on_chunk=progress.update)
+    with gpu_slot(oracle_runs_model(config)):  # a learned model; a cascade holds it around its model only
+        oracle = build_oracle(config, world)
+        progress = artifacts.JudgeProgress(config.name, round, phase, oracle.oracle_id, len(pairs))
+        out = stages.judge_pairs(store, oracle, stages.pairs_from_keys(store, pairs, round=round), round=round, on_chunk=progress.update)
     progress.finish(out)
     get_run_logger().info(
         "round %d %s: %s judged %d pairs (%d from the store, %d abstained, %d skipped, $%.4f) in %.1f s",
@@ -94,10 +101,9 @@ def _unfinished_update(config: CampaignConfig, store: Store, new_version: str) -
     return str(last) if last else None
 
 
-# tags=["gpu"]: a concurrency limit on the tag (`prefect concurrency-limit create gpu 1`) lets one update
-# at a time hold the GPU. One retry: a killed or failed update resumes from its step checkpoints.
+# One retry: a failed update resumes from its step checkpoints. A causal LM's update holds the GPU slot.
 @task(
-    name="update-policy", task_run_name="{config.name}-r{round}-{phase}-update", cache_policy=NO_CACHE, tags=["gpu"],
+    name="update-policy", task_run_name="{config.name}-r{round}-{phase}-update", cache_policy=NO_CACHE,
     retries=1, retry_delay_seconds=10, retry_condition_fn=worth_retrying,
 )
 def update_task(config: CampaignConfig, round: int, phase: str) -> dict:
@@ -107,7 +113,8 @@ def update_task(config: CampaignConfig, round: int, phase: str) -> dict:
     v = _sampler_version(config, round, phase)
     if resumed := _unfinished_update(config, store, version(round, phase)):
         logger.info("round %d %s: an earlier attempt of this update stopped; resuming from its step checkpoint %s", round, phase, resumed)
-    out = stages.update_policy(store, config, world, round=round, phase=phase, sampled_version=v, oracle_ids=oracle_ids)
+    with gpu_slot(policy_runs_model(config)):
+        out = stages.update_policy(store, config, world, round=round, phase=phase, sampled_version=v, oracle_ids=oracle_ids)
     if out.get("already_stored"):
         logger.info("round %d %s: %s is already in the store; nothing to train", round, phase, out["version"])
     else:
@@ -121,7 +128,7 @@ def update_task(config: CampaignConfig, round: int, phase: str) -> dict:
 @secrets.scrub_errors
 def evaluate_task(config: CampaignConfig, round: int, stage_metrics: dict, timings: dict) -> dict:
     store = Store(config.store)
-    metrics = stages.evaluate_policy(store, config, World(config), round=round, stage_metrics=stage_metrics, timings=timings)
+    metrics = stages.evaluate_policy(store, config, World(config), round=round, stage_metrics=stage_metrics, timings=timings, hold_gpu=gpu_slot)
     plot = artifacts.plot_metrics(store, stages.rounds_table(store))
     artifacts.publish_round(config.name, round, metrics, timings, plot, store=store, solver=config.solver.algorithm)
     get_run_logger().info("round %d: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith("eval/")), round)

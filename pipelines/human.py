@@ -28,17 +28,19 @@ from oracles.protocol import Pair
 from oracles.resume import unjudged
 from pipelines.config import CampaignConfig
 from pipelines.oracle_factory import people_oracle
+from pipelines.retrying import worth_retrying
 
 WAITING = "human/waiting"  # store folder: one marker per round suspended for people
 
 
-def split_for_people(pairs: list[Pair], config: CampaignConfig) -> tuple[list[Pair], list[Pair]]:
-    """(pairs for people, pairs for the machine oracle): a fixed draw per pair, so a rerun splits alike."""
+def split_for_people(keys: list[tuple[str, str, str]], config: CampaignConfig) -> tuple[list, list]:
+    """(pairs for people, pairs for the machine oracle), each a list of the pairing stage's
+    (prompt_id, a_id, b_id) keys: a fixed draw per pair, so a rerun splits alike."""
     share = config.humans.share if config.humans else 0.0
     if share >= 1.0:
-        return pairs, []
-    to_people = [int(stable_hash(config.seed, p.prompt_id, p.a_id, p.b_id, "people", length=8), 16) / 16**16 < share for p in pairs]
-    return [p for p, h in zip(pairs, to_people) if h], [p for p, h in zip(pairs, to_people) if not h]
+        return keys, []
+    to_people = [int(stable_hash(config.seed, pid, a, b, "people", length=8), 16) / 16**16 < share for pid, a, b in keys]
+    return [k for k, h in zip(keys, to_people) if h], [k for k, h in zip(keys, to_people) if not h]
 
 
 def collect_into_store(store: Store, people) -> dict:
@@ -56,8 +58,9 @@ def submit_and_collect(store: Store, people, pairs: list[Pair], *, round: int) -
     return {**collect_status(store, people, pairs, round=round), "human/submitted_now": submitted.created if submitted else 0}
 
 
-def collect_status(store: Store, people, pairs: list[Pair], *, round: int) -> dict:
-    """Collect what people have finished into the store; how far the round's quorum is."""
+def collect_status(store: Store, people, pairs: list, *, round: int) -> dict:
+    """Collect what people have finished into the store; how far the round's quorum is. ``pairs``: the
+    round's pairs or their keys (only their number is read)."""
     collected = collect_into_store(store, people)
     got = collected["got"]
     per_round = got.metrics().get(round, {})
@@ -71,7 +74,7 @@ def collect_status(store: Store, people, pairs: list[Pair], *, round: int) -> di
     }
 
 
-def wait_in_place(store: Store, config: CampaignConfig, pairs: list[Pair], status: dict, *, round: int, log) -> dict:
+def wait_in_place(store: Store, config: CampaignConfig, pairs: list, status: dict, *, round: int, log) -> dict:
     """Poll until the round's quorum is reached or ``wait_timeout_s`` passes. The pairs were submitted
     already (``status``: ``submit_and_collect``'s); each poll only collects."""
     deadline = time.monotonic() + config.humans.wait_timeout_s
@@ -110,25 +113,32 @@ def can_suspend() -> bool:
     return bool(deployment.id) and not flow_run.parent_flow_run_id
 
 
-def await_people(config: CampaignConfig, round: int, pairs: list[Pair]) -> dict:
-    """Submit the round's pairs to people and return once a quorum has voted: by suspending the run
-    (deployments) or by polling (everything else)."""
+def await_people(config: CampaignConfig, round: int, pairs: list[tuple[str, str, str]]) -> dict:
+    """Submit the round's pairs (the pairing stage's keys) to people and return once a quorum has voted:
+    by suspending the run (deployments) or by polling (everything else)."""
     store, log = Store(config.store), get_run_logger()
     status = submit_to_people_task(config, round, pairs)
     log.info("round %d: %d pairs for people (%d submitted now), %.0f%% have their votes", round, len(pairs), status["human/submitted_now"], 100 * status["human/quorum"])
     if status["human/quorum"] < config.humans.quorum and can_suspend():
         mark_waiting(store, round, str(flow_run.id))
         log.info("round %d: suspending until people reach the quorum; the collect-annotations deployment resumes it", round)
-        suspend_flow_run(timeout=int(config.humans.suspend_timeout_s), key=f"{config.name}-round-{round}-people-{stable_hash(*sorted(p.a_id + p.b_id for p in pairs), length=6)}")
+        suspend_flow_run(timeout=int(config.humans.suspend_timeout_s), key=f"{config.name}-round-{round}-people-{stable_hash(*sorted(a + b for _, a, b in pairs), length=6)}")
     if status["human/quorum"] < config.humans.quorum:
         status = wait_for_people_task(config, round, pairs, status)
     clear_waiting(store, round)
     return status
 
 
-@task(name="submit-to-people", task_run_name="{config.name}-r{round}-people", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10)
+@task(
+    name="submit-to-people", task_run_name="{config.name}-r{round}-people", cache_policy=NO_CACHE,
+    retries=2, retry_delay_seconds=10, retry_condition_fn=worth_retrying,
+)
 def submit_to_people_task(config: CampaignConfig, round: int, pairs: list) -> dict:
-    return submit_and_collect(Store(config.store), people_oracle(config), pairs, round=round)
+    """``pairs``: the pairing stage's keys; the texts people see come from the store."""
+    from pipelines.stages import pairs_from_keys
+
+    store = Store(config.store)
+    return submit_and_collect(store, people_oracle(config), pairs_from_keys(store, pairs, round=round), round=round)
 
 
 @task(name="wait-for-people", task_run_name="{config.name}-r{round}-wait-people", cache_policy=NO_CACHE)

@@ -32,6 +32,7 @@ class OracleSpec:
 
     oracle_id: str
     build: Callable[[], Any]
+    runs_model: bool = False  # a torch model in this process (it holds the GPU slot while it judges)
 
 
 def oracle_spec(cfg, config: CampaignConfig, world: World) -> OracleSpec:
@@ -61,6 +62,13 @@ def campaign_oracle_ids(config: CampaignConfig, world: World) -> set[str]:
     if config.humans is not None:
         ids.add(people_spec(config).oracle_id)
     return ids
+
+
+def oracle_runs_model(config: CampaignConfig) -> bool:
+    """Whether the campaign's oracle is a model run in this process (a ``learned`` model): its tasks
+    hold the GPU slot while it judges. A ``cascade`` holds it around its learned stage only
+    (``gpu.HoldingGpu``), not around its judge or people."""
+    return config.oracle is not None and oracle_spec(config.oracle, config, World(config)).runs_model
 
 
 def people_oracle(config: CampaignConfig):
@@ -118,7 +126,7 @@ def _learned(cfg, config: CampaignConfig, world: World) -> OracleSpec:
         model = load_preference_model(cfg.checkpoint, device=cfg.device)
         return LearnedOracle(model, name=model.config.head, batch_size=cfg.batch_size)
 
-    return OracleSpec(LearnedOracle(_Fingerprint(checkpoint_fingerprint(cfg.checkpoint)), name=head).oracle_id, build)
+    return OracleSpec(LearnedOracle(_Fingerprint(checkpoint_fingerprint(cfg.checkpoint)), name=head).oracle_id, build, runs_model=True)
 
 
 def _cascade(cfg, config: CampaignConfig, world: World) -> OracleSpec:

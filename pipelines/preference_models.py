@@ -41,6 +41,7 @@ from oracles.protocol import NOT_JUDGED, Judgment, Pair, make_oracle_id
 from pipelines.config import CampaignConfig
 from pipelines.versions import local_folder, publish_folder, sampling_policy, version
 from pipelines.world import World
+from pipelines.gpu import HoldingGpu, gpu_slot
 
 MODELS = "preference_models"
 ARCHITECTURE = ("head", "pool", "head_hidden", "max_prompt_tokens", "max_response_tokens")
@@ -257,7 +258,7 @@ class CampaignCascade:
         budgets = {"judge": _share(cfg.budget.pairs, cfg.budget.usd, cfg.budget.usd_per_pair, k, n)}
         over_budget = "pass_on" if cfg.people else "stop"  # people take the judge's overflow
         stages = [
-            Stage(learned, accept=Confident(cfg.confidence), name="learned"),
+            Stage(HoldingGpu(learned), accept=Confident(cfg.confidence), name="learned"),  # the judge and people run without the slot
             Stage(self.judge_oracle, accept=judge_accept(cfg), budget=budgets["judge"], name="judge", over_budget=over_budget),
         ]
         if cfg.people:
@@ -280,7 +281,7 @@ class CampaignCascade:
 
         cfg = self.config.oracle
         k = model_for_round(self.store, self.config, round)
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp, gpu_slot():
             model = load_preference_model(local_folder(self.store, model_dir(k), tmp), device=cfg.device)
         expected = read_manifest(self.store, k)["fingerprint"]
         if model.fingerprint != expected:

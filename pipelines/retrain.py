@@ -16,7 +16,9 @@ from data import checkpoints as marks
 from pipelines.config import CampaignConfig, config_from_settings
 from pipelines.oracle_factory import campaign_oracle_ids
 from pipelines.preference_models import MODELS, model_dir, model_for_round, read_manifest, save_model
-from pipelines.versions import local_folder, worth_retrying
+from pipelines.gpu import gpu_slot
+from pipelines.retrying import worth_retrying
+from pipelines.versions import local_folder
 from pipelines.world import World
 
 
@@ -65,14 +67,15 @@ def retrain_preference_model(store: Store, config: CampaignConfig, world: World,
     return metrics
 
 
-# tags=["gpu"]: the same concurrency limit as the policy update; one retry resumes from the step checkpoints
+# it holds the GPU slot like the policy update; one retry resumes from the step checkpoints
 @task(
-    name="retrain-preference-model", task_run_name="{config.name}-r{round}-retrain", cache_policy=NO_CACHE, tags=["gpu"],
+    name="retrain-preference-model", task_run_name="{config.name}-r{round}-retrain", cache_policy=NO_CACHE,
     retries=1, retry_delay_seconds=10, retry_condition_fn=worth_retrying,
 )  # fmt: skip
 def retrain_task(config: CampaignConfig, round: int) -> dict:
     store, log = Store(config.store), get_run_logger()
-    out = retrain_preference_model(store, config, World(config), round=round, log=log)
+    with gpu_slot():
+        out = retrain_preference_model(store, config, World(config), round=round, log=log)
     if out.get("prefmodel/retrained"):
         log.info(
             "round %d: preference model r%d from r%d on %d pairs: held-out log-loss %s (before %s) in %.1f s",

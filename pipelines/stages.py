@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import pandas as pd
@@ -17,7 +17,7 @@ from data.keys import stable_hash
 from oracles.protocol import Pair
 from oracles.resume import unjudged
 from pipelines.config import CampaignConfig
-from pipelines.oracle_factory import build_oracle, campaign_oracle_ids
+from pipelines.oracle_factory import build_oracle, campaign_oracle_ids, oracle_runs_model
 from pipelines.versions import checkpoint_dir, has_checkpoint, load_policy, mixture_version, save_checkpoint, stored_update_metrics, version, with_update_metrics
 from pipelines.world import World
 from solvers import tabular
@@ -112,6 +112,23 @@ def _ordered(rng: np.random.Generator, strategy: str, skip_identical: bool, pid:
     return [Pair(pid, prompt, *x, *y)] if rng.random() < 0.5 else [Pair(pid, prompt, *y, *x)]
 
 
+def pair_keys(pairs: list[Pair]) -> list[tuple[str, str, str]]:
+    """What a pairing stage hands on: each pair's (prompt_id, a_id, b_id); the texts stay in the store."""
+    return [(p.prompt_id, p.a_id, p.b_id) for p in pairs]
+
+
+def pairs_from_keys(store: Store, keys: list[tuple[str, str, str]], *, round: int) -> list[Pair]:
+    """The pairs of ``pair_keys``, in order, with their texts read back from the store (the round's responses)."""
+    if not keys:
+        return []
+    texts = store.read("responses", rounds=[round], columns=["response_id", "text"]).set_index("response_id")["text"]
+    prompts = store.read("prompts", columns=["prompt_id", "prompt"]).set_index("prompt_id")["prompt"]
+    missing = sorted({r for _, a, b in keys for r in (a, b)} - set(texts.index))
+    if missing:
+        raise ValueError(f"round {round}: {len(missing)} paired responses are not in the store {store} (first {missing[0]}); run the round again from its sample stage")
+    return [Pair(pid, prompts[pid], a, texts[a], b, texts[b]) for pid, a, b in keys]
+
+
 def judge_pairs(store: Store, oracle, pairs: list[Pair], *, round: int, chunk_size: int = 2048, on_chunk=None) -> dict:
     """Ask the oracle about the pairs it has not judged yet (the store is the cache) and store each
     chunk as soon as it is answered, so an interruption loses at most one chunk. Skipped pairs (e.g. a
@@ -199,16 +216,21 @@ def ground_truth_metrics(policy, world: World, config: CampaignConfig, round: in
     return {k: float(np.mean(v)) for k, v in rows.items()}
 
 
-def sampled_win_rate(store: Store, config: CampaignConfig, world: World, oracle, *, round: int) -> dict:
+def sampled_win_rate(store: Store, config: CampaignConfig, world: World, *, round: int, hold_gpu=nullcontext) -> dict:
     """Win-rate of v{round} against the reference v0 on fresh samples of the held-out prompts, judged
-    by ``oracle`` (the ground truth in a synthetic world), with a 95% interval. The samples and the
-    judgments are stored like any others (held-out prompts never reach training)."""
+    by the campaign's oracle (the ground truth in a synthetic world), with a 95% interval. The samples
+    and the judgments are stored like any others (held-out prompts never reach training).
+
+    ``hold_gpu()``: a context held while a model runs (the task's GPU slot): the sampling, and the
+    judging when the oracle is a learned model."""
     from pipelines.lm_update import win_rate_metrics
 
     m, new = config.evaluation.samples_per_prompt, version(round)
-    policies = {v: load_policy(store, v, config, world) for v in (new, "v0")}
-    for v, policy in policies.items():
-        sample_responses(store, policy, world.eval_prompts, round=round, policy_version=v, k=m, seed=config.seed + 7919)
+    with hold_gpu():
+        for v in (new, "v0"):
+            policy = load_policy(store, v, config, world)
+            sample_responses(store, policy, world.eval_prompts, round=round, policy_version=v, k=m, seed=config.seed + 7919)
+        del policy  # the judge may need its memory
     resp = store.read("responses", rounds=[round])
     resp = resp[resp["prompt_id"].isin({prompt_id(p) for p in world.eval_prompts})].set_index("response_id")
     pairs = []
@@ -217,18 +239,21 @@ def sampled_win_rate(store: Store, config: CampaignConfig, world: World, oracle,
         for slot in range(m):
             a, b = response_id(pid, new, round, slot), response_id(pid, "v0", round, slot)
             pairs.append(Pair(pid, p, a, resp.at[a, "text"], b, resp.at[b, "text"]))
-    judge_pairs(store, oracle, pairs, round=round)
+    with hold_gpu() if oracle_runs_model(config) else nullcontext():
+        oracle = build_oracle(config, world)
+        judge_pairs(store, oracle, pairs, round=round)
     comps = store.read("comparisons", rounds=[round]).set_index("comparison_id")
     keys = [comparison_id(q.prompt_id, q.a_id, q.b_id, oracle.oracle_id) for q in pairs]
     return win_rate_metrics(comps.loc[keys, "p_a"].dropna())
 
 
-def evaluate_policy(store: Store, config: CampaignConfig, world: World, *, round: int, stage_metrics: dict, timings: dict) -> dict:
-    """Metrics of the round's new policy; writes the round's row (a repeated write adds nothing)."""
+def evaluate_policy(store: Store, config: CampaignConfig, world: World, *, round: int, stage_metrics: dict, timings: dict, hold_gpu=nullcontext) -> dict:
+    """Metrics of the round's new policy; writes the round's row (a repeated write adds nothing).
+    ``hold_gpu``: as in ``sampled_win_rate``."""
     if config.policy.kind == "tabular":
         evaluation = ground_truth_metrics(load_policy(store, version(round), config, world), world, config, round)
     elif config.oracle is not None and world.eval_prompts:
-        evaluation = sampled_win_rate(store, config, world, build_oracle(config, world), round=round)
+        evaluation = sampled_win_rate(store, config, world, round=round, hold_gpu=hold_gpu)
     else:  # people alone judge this campaign: no machine to ask about held-out pairs
         evaluation = {}
     # how intransitive this round's judgments are: a share of cyclic triples near zero means a reward

@@ -158,13 +158,6 @@ def load_policy(store: Store, version: str, config: CampaignConfig, world: World
     return (policy, optimizer) if with_optimizer else policy
 
 
-def worth_retrying(task, task_run, state) -> bool:
-    """Prefect retry condition: retry what may pass the next time (a server, the network, a device),
-    not a bad config or data (ValueError and the like) nor a loss that went NaN (FloatingPointError):
-    those fail the same way."""
-    return not isinstance(state.result(raise_on_failure=False), (ValueError, TypeError, KeyError, ArithmeticError))
-
-
 UPDATE_METRICS = "update_metrics.json"  # in a checkpoint's folder: the metrics of the update that made it
 
 

@@ -57,9 +57,12 @@ def server_round(config_path: str, round: int, store: str, mode: str, seconds: f
     elif mode == "slow-update":
         update = stages.update_policy
 
-        def slow_update(*args, **kwargs):
+        def slow_update(*args, **kwargs):  # runs inside the update's GPU slot
+            start = time.time()
             time.sleep(seconds)
-            return update(*args, **kwargs)
+            out = update(*args, **kwargs)
+            get_run_logger().info("slow update held the GPU from %.3f to %.3f", start, time.time())
+            return out
 
         stages.update_policy = slow_update
     elif mode == "careless-oracle":
