@@ -75,6 +75,7 @@ def _stop(proc: subprocess.Popen) -> None:
 def plain_round(config, r: int) -> None:
     """alignment_round's stages as plain function calls, in the flow's order (no Prefect at all)."""
     from data import Store
+    from data.rounds import rounds_table
     from pipelines import artifacts, stages
     from pipelines.flows import _sampler_version
     from pipelines.oracle_factory import build_oracle, campaign_oracle_ids
@@ -97,7 +98,7 @@ def plain_round(config, r: int) -> None:
         with watch("update"):
             stages.update_policy(store, config, world, round=r, phase=phase, sampled_version=v, oracle_ids=campaign_oracle_ids(config, world))
     stages.evaluate_policy(store, config, world, round=r, stage_metrics=stage_metrics, timings=watch.seconds)
-    artifacts.plot_metrics(store, stages.rounds_table(store))
+    artifacts.plot_metrics(store, rounds_table(store))
 
 
 def main() -> None:

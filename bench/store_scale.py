@@ -10,7 +10,8 @@ reads what the update trains on and scores the reference's log-probs, and the ev
 (`intransitivity` of the round, the rounds table) and its rounds row follow. Defaults: 4,096 responses,
 8,192 comparisons and 8,192 log-probs per round.
 
-Round 1 (an empty store) and round N (after N − 1 grown rounds) are each timed in a fresh process, so
+Rounds 2 … N − 1 are grown in bulk (``grow_round``: the same rows through ``Store.write``, without the
+stages' per-row Python). Round 1 (an empty store) and round N are each timed in a fresh process, so
 the peak RSS is that round's; then `nashflow status` at round N (the whole command, Python start-up
 included), then `nashflow compact`. One JSON line; `growth_ratio` = round N / round 1 (goal ≤ 1.5),
 `status_s` (goal ≤ 3). The default run takes several minutes and about 1 GB of disk (reported).
@@ -32,8 +33,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
 
 from data import Store  # noqa: E402
+from data.rounds import rounds_table  # noqa: E402
 from oracles.protocol import Judgment  # noqa: E402
 from solvers.policy import Sample  # noqa: E402
 
@@ -42,16 +45,23 @@ WORDS = np.array([f"w{i}" for i in range(4096)])
 
 
 class SyntheticPolicy:
-    """Samples of ~``tokens`` random tokens (and their text), with log-probs: what a real sampler stores."""
+    """Samples of ~``tokens`` random tokens (and their text), with log-probs: what a real sampler stores.
+    ``prepare`` makes them before the clock starts, so the timing is the store's work, not the sampler's."""
 
     def __init__(self, tokens: int):
-        self.tokens = tokens
+        self.tokens, self.ready = tokens, None
+
+    def prepare(self, n_prompts: int, k: int, seed: int) -> None:
+        self.ready = self._make(n_prompts, k, seed)
 
     def sample(self, prompts: list[str], k: int, *, seed: int) -> list[list[Sample]]:
+        return self.ready[: len(prompts)] if self.ready is not None else self._make(len(prompts), k, seed)
+
+    def _make(self, n_prompts: int, k: int, seed: int) -> list[list[Sample]]:
         rng = np.random.default_rng(seed)
-        lengths = rng.integers(self.tokens // 2, self.tokens * 3 // 2, size=len(prompts) * k)
+        lengths = rng.integers(self.tokens // 2, self.tokens * 3 // 2, size=n_prompts * k)
         out = []
-        for i in range(len(prompts)):
+        for i in range(n_prompts):
             group = []
             for j in range(k):
                 ids = rng.integers(0, 49152, size=lengths[i * k + j])
@@ -80,6 +90,7 @@ def campaign_config(store: str):
 
 def round_store_work(store: Store, round: int, args) -> float:
     """The store work of one round's stages (seconds), through the stages' own functions."""
+    import solvers.trainer  # noqa: F401 - imported by update_examples: loaded before the clock starts
     from data.diagnostics import intransitivity
     from pipelines import stages
     from pipelines.lm_update import update_examples
@@ -89,6 +100,7 @@ def round_store_work(store: Store, round: int, args) -> float:
     if round == 1:
         store.write("prompts", [dict(prompt_id=stages.prompt_id(p), prompt=p, split="train", source="bench") for p in prompts])
     anchor = f"v{round - 1}"
+    policy.prepare(len(prompts), args.k, seed=round)
     started = time.perf_counter()
     stages.sample_responses(store, policy, prompts, round=round, policy_version=anchor, k=args.k, seed=0)
     pairs = stages.pair_responses(store, round=round, policy_version=anchor, strategy="both_orders", skip_identical=False, seed=0)
@@ -96,8 +108,40 @@ def round_store_work(store: Store, round: int, args) -> float:
     update_examples(store, config, round=round, phase="update", sampled_version=anchor, oracle_ids={SyntheticJudge.oracle_id}, anchor=policy, load=lambda v: policy)
     metrics = intransitivity(store, rounds=[round], oracle_ids={SyntheticJudge.oracle_id})
     store.write("rounds", [dict(round=round, policy_version=f"v{round}", checkpoint="-", solver="inpo", metrics=json.dumps(metrics), timings="{}")])
-    stages.rounds_table(store)
+    rounds_table(store)
     return time.perf_counter() - started
+
+
+def grow_round(store: Store, round: int, args, texts: list[str]) -> None:
+    """One round's rows written in bulk through ``Store.write`` (validation, key checks, atomic files as
+    for any write), shaped as ``round_store_work`` leaves them: the same tables, keys and sizes, without
+    the stages' Python per row, so that 200 rounds grow in minutes."""
+    from data.keys import comparison_id, prompt_id, response_id
+
+    rng = np.random.default_rng(round)
+    anchor, n = f"v{round - 1}", args.prompts * args.k
+    pids = [prompt_id(f"prompt {i}") for i in range(args.prompts)]
+    owner = [pids[i // args.k] for i in range(n)]
+    rids = [response_id(owner[i], anchor, round, i % args.k) for i in range(n)]
+    lengths = rng.integers(args.tokens // 2, args.tokens * 3 // 2, size=n)
+    tokens = pa.ListArray.from_arrays(pa.array(np.r_[0, np.cumsum(lengths)], pa.int32()), pa.array(rng.integers(0, 49152, size=int(lengths.sum())), pa.int32()))
+    store.write("responses", pa.table({
+        "response_id": rids, "round": [round] * n, "policy_version": [anchor] * n, "prompt_id": owner,
+        "text": [texts[i % len(texts)] for i in range(n)], "n_tokens": lengths.astype(np.int32), "finish_reason": ["stop"] * n, "token_ids": tokens,
+    }))  # fmt: skip
+    for version in (anchor, "v0"):  # as the stages write them: at sampling, then at the update
+        store.write("logprobs", pa.table({"response_id": rids, "policy_version": [version] * n, "round": [round] * n, "logp": (-lengths.astype(float)).tolist()}))
+    pairs = [(owner[i + a], rids[i + a], rids[i + b]) for i in range(0, n, args.k) for a in range(args.k) for b in range(args.k) if a != b][:JUDGED_PER_ROUND]
+    judge = SyntheticJudge.oracle_id
+    for start in range(0, len(pairs), 2048):  # in the judge stage's chunks
+        chunk = pairs[start : start + 2048]
+        m = len(chunk)
+        store.write("comparisons", pa.table({
+            "comparison_id": [comparison_id(p, a, b, judge) for p, a, b in chunk], "round": [round] * m, "prompt_id": [p for p, _, _ in chunk],
+            "a_id": [a for _, a, _ in chunk], "b_id": [b for _, _, b in chunk], "oracle_id": [judge] * m, "p_a": rng.integers(0, 2, size=m).astype(float),
+            "n_votes": np.ones(m, np.int32), "answered_by": [judge] * m,
+        }))  # fmt: skip
+    store.write("rounds", [dict(round=round, policy_version=f"v{round}", checkpoint="-", solver="inpo", metrics="{}", timings="{}")])
 
 
 def measure(store_dir: str, round: int, args) -> dict:
@@ -131,8 +175,9 @@ def main() -> None:
         first = measure(store_dir, 1, args)
         grow_started = time.perf_counter()
         store = Store(store_dir)
+        texts = [t.text for group in SyntheticPolicy(args.tokens).sample(["p"] * 128, 1, seed=0) for t in group]
         for r in range(2, args.rounds):
-            round_store_work(store, r, args)
+            grow_round(store, r, args, texts)
         grow_s = time.perf_counter() - grow_started
         last = measure(store_dir, args.rounds, args)
         started = time.perf_counter()

@@ -186,8 +186,8 @@ def intransitivity(store, *, rounds=None, oracle_ids=None, min_votes: float = 1,
 def answered_kind(comparisons: pd.DataFrame) -> pd.Series:
     """The kind (the oracle id's first part, see oracles/protocol.make_oracle_id) of the oracle that
     answered each stored judgment: ``answered_by``, or the row's own ``oracle_id`` where that is null."""
-    who = comparisons["answered_by"].astype(object).where(comparisons["answered_by"].notna(), comparisons["oracle_id"])
-    return pd.Series([str(w).split(":", 1)[0] for w in who], index=comparisons.index, dtype=object)
+    who = comparisons["answered_by"].where(comparisons["answered_by"].notna(), comparisons["oracle_id"]).astype(str)
+    return who.str.split(":", n=1).str[0]
 
 
 def judgment_counts(store, *, rounds=None) -> dict:
@@ -205,20 +205,31 @@ def judgment_counts(store, *, rounds=None) -> dict:
     learned            answered rows a learned model gave (``status --fit-gap`` leaves them out)
     rounds             the rounds these rows come from
     """
-    c = store.read("comparisons", rounds=rounds, columns=["prompt_id", "oracle_id", "p_a", "answered_by", "round"])
-    split = c["prompt_id"].map(store.read("prompts", columns=["prompt_id", "split"]).set_index("prompt_id")["split"])
-    answered = c["p_a"].notna()
-    learned = (answered_kind(c) == "learned").to_numpy(dtype=bool)
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    # in Arrow: a long campaign's store holds millions of rows, and `nashflow status` counts them
+    c = store.read_arrow("comparisons", rounds=rounds, columns=["prompt_id", "oracle_id", "p_a", "answered_by", "round"])
+    prompts = store.read_arrow("prompts", columns=["prompt_id", "split"])
+    split = pc.take(prompts["split"], pc.index_in(c["prompt_id"], value_set=prompts["prompt_id"]))
+    train, held_out = pc.fill_null(pc.equal(split, "train"), False), pc.fill_null(pc.equal(split, "eval"), False)
+    answered = pc.is_valid(c["p_a"])
+    who = pc.coalesce(c["answered_by"], c["oracle_id"])
+    learned = pc.and_(answered, pc.starts_with(who if len(who) else pa.array([], pa.string()), "learned:"))
+
+    def count(mask) -> int:
+        return int(pc.sum(pc.cast(mask, pa.int64())).as_py() or 0)
+
     return {
-        "judgments": len(c),
-        "train": int((split == "train").sum()),
-        "eval": int((split == "eval").sum()),
-        "abstained": int((~answered).sum()),
-        "train_answered": int(((split == "train") & answered).sum()),
-        "eval_answered": int(((split == "eval") & answered).sum()),
-        "ties": int((c["p_a"] == 0.5).sum()),
-        "learned": int((answered & learned).sum()),
-        "rounds": sorted(int(r) for r in c["round"].unique()),
+        "judgments": c.num_rows,
+        "train": count(train),
+        "eval": count(held_out),
+        "abstained": c.num_rows - count(answered),
+        "train_answered": count(pc.and_(train, answered)),
+        "eval_answered": count(pc.and_(held_out, answered)),
+        "ties": count(pc.fill_null(pc.equal(c["p_a"], 0.5), False)),
+        "learned": count(learned),
+        "rounds": sorted(pc.unique(c["round"]).to_pylist()),
     }
 
 

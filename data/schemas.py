@@ -17,6 +17,9 @@ class Table:
     schema: pa.Schema  # every column, ``round`` included when partitioned
     key: tuple[str, ...]
     partitioned: bool = True
+    # the key names its round (a response's id hashes its round; a comparison's its responses'), so a
+    # key is stored in one partition only and readers drop duplicates partition by partition
+    key_names_round: bool = False
     # migrate on read: ``(columns a file may lack, the columns they are computed from, the function)``;
     # a file written before those columns existed reads as if written with them
     migration: tuple[tuple[str, ...], tuple[str, ...], Callable[[pa.Table], pa.Table]] | None = None
@@ -60,6 +63,7 @@ RESPONSES = Table(
         ]
     ),
     key=("response_id",),
+    key_names_round=True,
 )
 
 LOGPROBS = Table(
@@ -144,7 +148,7 @@ COMPARISONS_SCHEMA = pa.schema(
     ]
 )
 
-COMPARISONS = Table("comparisons", COMPARISONS_SCHEMA, key=("comparison_id",), migration=(ANSWERED, ("oracle_id", "detail"), _answered_from_detail))
+COMPARISONS = Table("comparisons", COMPARISONS_SCHEMA, key=("comparison_id",), key_names_round=True, migration=(ANSWERED, ("oracle_id", "detail"), _answered_from_detail))
 
 ROUNDS = Table(
     "rounds",
@@ -159,6 +163,7 @@ ROUNDS = Table(
         ]
     ),
     key=("round",),
+    key_names_round=True,
 )
 
 TABLES: dict[str, Table] = {t.name: t for t in (PROMPTS, RESPONSES, LOGPROBS, COMPARISONS, ROUNDS)}

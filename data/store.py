@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import uuid
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pandas as pd
@@ -143,14 +145,28 @@ class Store:
         ``pyarrow.compute`` expression on the files' columns, e.g. ``pc.field("policy_version") == "v3"``,
         pushed down to the Parquet reader)."""
         spec = _table(table)
-        wanted = set(spec.schema.names) if not columns else {*columns, *spec.key}  # keys: for one row per key
-        names = [n for n in spec.schema.names if n in wanted]
-        schema = pa.schema([spec.schema.field(n) for n in names])
-        parts = []
-        for folder, rnd, files in self._partitions(spec, rounds=rounds):
-            parts += self._read_partition(spec, folder, rnd, files, names, schema, where)
-        out = pa.concat_tables(parts) if parts else schema.empty_table()
-        out = _drop_duplicate_keys(out, spec.key)
+        out_names = [n for n in spec.schema.names if not columns or n in columns or (n in spec.key and not spec.key_names_round)]
+        with_key = list(dict.fromkeys([*out_names, *spec.key]))
+
+        def read_one(partition) -> list[pa.Table]:
+            """One partition's rows, one per key; the key column comes off the disk only where a key can
+            be stored twice (a partition of several files, or a table whose keys span partitions)."""
+            folder, rnd, files = partition
+            names = with_key if len(files) > 1 or not spec.key_names_round else out_names
+            found = self._read_partition(spec, folder, rnd, files, names, pa.schema([spec.schema.field(n) for n in names]), where)
+            if spec.key_names_round and len(found) > 1:
+                found = [_drop_duplicate_keys(pa.concat_tables(found), spec.key)]
+            return [t.select(out_names) for t in found]
+
+        partitions = self._partitions(spec, rounds=rounds)
+        if len(partitions) > 4:  # Arrow reads without the GIL: partitions in parallel (a campaign's hundreds of rounds)
+            with ThreadPoolExecutor(max_workers=READERS) as pool:
+                parts = [t for found in pool.map(read_one, partitions) for t in found]
+        else:
+            parts = [t for p in partitions for t in read_one(p)]
+        out = pa.concat_tables(parts) if parts else pa.schema([spec.schema.field(n) for n in out_names]).empty_table()
+        if not spec.key_names_round:
+            out = _drop_duplicate_keys(out, spec.key)
         return out.select(list(columns)) if columns else out
 
     def _read_partition(self, spec: Table, folder: str, rnd: int | None, files: list[str], names, schema, where) -> list[pa.Table]:
@@ -380,6 +396,7 @@ class Problem:
     todo: str
 
 
+READERS = min(8, os.cpu_count() or 1)  # threads reading partitions at once
 RELISTS = 20  # times a reader lists a partition again after a compaction replaced a file it listed
 COMPACTED = "compact-"  # a merged file's name starts so; its footer lists the files it replaces
 REPLACES = "nashflow.replaces"

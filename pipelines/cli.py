@@ -35,7 +35,7 @@ def _quiet() -> None:
 def _run_campaign(config) -> None:
     _quiet()
     from data import Store, StoreError
-    from pipelines import stages
+    from data.rounds import rounds_table
     from pipelines.flows import alignment_campaign
     from pipelines.progress import Reporter, reporting
 
@@ -68,7 +68,7 @@ def _run_campaign(config) -> None:
         console.print()
         _fail(str(e))
     console.print()
-    _print_rounds(stages.rounds_table(store), store)
+    _print_rounds(rounds_table(store), store)
     from pipelines.artifacts import PLOT
 
     if store.exists(PLOT):
@@ -126,7 +126,7 @@ def _print_rounds(table, store=None) -> None:
     wide.print(out)
     notes = []
     if "intransitivity/cycle_share" in cols:
-        notes.append("cyclic triples: response triples of a prompt, all three pairs judged, whose majorities go round (rounds so far)")
+        notes.append("cyclic triples: the round's response triples of a prompt, all three pairs judged, whose majorities go round")
     if "perf/round_seconds" in cols:
         notes.append("stage time: seconds the round's stages took, in the run that finished it")
     if store is not None:
@@ -206,7 +206,7 @@ def status(
 ):
     """Show a store's finished rounds and their metrics."""
     from data import Store, StoreError
-    from pipelines.stages import rounds_table
+    from data.rounds import rounds_table
 
     try:
         opened = Store(store, must_exist=True)

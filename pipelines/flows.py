@@ -13,10 +13,15 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from data import Store
+from data.rounds import rounds_table
 from pipelines import artifacts, human, secrets, stages
 from pipelines.config import CampaignConfig
 from pipelines.gpu import gpu_slot, policy_runs_model
-from pipelines.oracle_factory import build_oracle, campaign_oracle_ids, oracle_runs_model
+from pipelines.oracle_factory import (
+    build_oracle,
+    campaign_oracle_ids,
+    oracle_runs_model,
+)
 from pipelines.progress import reporter
 from pipelines.retrying import worth_retrying
 from pipelines.versions import load_policy, version, work_dir
@@ -129,7 +134,7 @@ def update_task(config: CampaignConfig, round: int, phase: str) -> dict:
 def evaluate_task(config: CampaignConfig, round: int, stage_metrics: dict, timings: dict) -> dict:
     store = Store(config.store)
     metrics = stages.evaluate_policy(store, config, World(config), round=round, stage_metrics=stage_metrics, timings=timings, hold_gpu=gpu_slot)
-    plot = artifacts.plot_metrics(store, stages.rounds_table(store))
+    plot = artifacts.plot_metrics(store, rounds_table(store))
     artifacts.publish_round(config.name, round, metrics, timings, plot, store=store, solver=config.solver.algorithm)
     get_run_logger().info("round %d: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith("eval/")), round)
     return metrics

@@ -68,9 +68,12 @@ def pair_responses(store: Store, *, round: int, policy_version: str, strategy: s
     (sorted by id, seeded), so recomputing them after a crash gives the same pairs and comparison keys."""
     resp, prompts = _train_responses(store, round, {policy_version})
     rng = np.random.default_rng(int(stable_hash(seed, round, policy_version, "pairs", length=4), 16))
+    by_prompt: dict[str, list[tuple[str, str]]] = {}
+    for pid, rid, text in zip(resp["prompt_id"].tolist(), resp["response_id"].tolist(), resp["text"].tolist()):
+        by_prompt.setdefault(pid, []).append((rid, text))  # by response id within a prompt (resp is sorted)
     pairs = []
-    for pid, group in resp.groupby("prompt_id", sort=True):
-        rows = list(group[["response_id", "text"]].itertuples(index=False))
+    for pid in sorted(by_prompt):
+        rows = by_prompt[pid]
         for i in range(len(rows)):
             for j in range(i + 1, len(rows)):
                 pairs += _ordered(rng, strategy, skip_identical, pid, prompts[pid], rows[i], rows[j])
@@ -94,13 +97,13 @@ def pair_with_mixture(store: Store, *, round: int, policy_version: str, strategy
     return pairs
 
 
-def _train_responses(store: Store, round: int, versions: set[str]) -> tuple[pd.DataFrame, pd.Series]:
+def _train_responses(store: Store, round: int, versions: set[str]) -> tuple[pd.DataFrame, dict[str, str]]:
     """This round's responses of ``versions`` to training prompts (sorted by id), and the prompt texts."""
-    resp = store.read("responses", rounds=[round])
-    table = store.read("prompts").set_index("prompt_id")
-    train = set(table.index[table["split"] == "train"])
+    resp = store.read("responses", rounds=[round], columns=["response_id", "policy_version", "prompt_id", "text"])
+    table = store.read("prompts", columns=["prompt_id", "prompt", "split"])
+    train = set(table.loc[table["split"] == "train", "prompt_id"])
     resp = resp[resp["policy_version"].isin(versions) & resp["prompt_id"].isin(train)].sort_values("response_id")
-    return resp, table["prompt"]
+    return resp, dict(zip(table["prompt_id"], table["prompt"]))
 
 
 def _ordered(rng: np.random.Generator, strategy: str, skip_identical: bool, pid: str, prompt: str, x: tuple, y: tuple) -> list[Pair]:
@@ -121,9 +124,11 @@ def pairs_from_keys(store: Store, keys: list[tuple[str, str, str]], *, round: in
     """The pairs of ``pair_keys``, in order, with their texts read back from the store (the round's responses)."""
     if not keys:
         return []
-    texts = store.read("responses", rounds=[round], columns=["response_id", "text"]).set_index("response_id")["text"]
-    prompts = store.read("prompts", columns=["prompt_id", "prompt"]).set_index("prompt_id")["prompt"]
-    missing = sorted({r for _, a, b in keys for r in (a, b)} - set(texts.index))
+    stored = store.read("responses", rounds=[round], columns=["response_id", "text"])
+    texts = dict(zip(stored["response_id"], stored["text"]))
+    prompts = store.read("prompts", columns=["prompt_id", "prompt"])
+    prompts = dict(zip(prompts["prompt_id"], prompts["prompt"]))
+    missing = sorted({r for _, a, b in keys for r in (a, b)} - texts.keys())
     if missing:
         raise ValueError(f"round {round}: {len(missing)} paired responses are not in the store {store} (first {missing[0]}); run the round again from its sample stage")
     return [Pair(pid, prompts[pid], a, texts[a], b, texts[b]) for pid, a, b in keys]
@@ -276,17 +281,6 @@ def evaluate_policy(store: Store, config: CampaignConfig, world: World, *, round
     }
     store.write("rounds", [row])
     return metrics
-
-
-def rounds_table(store: Store) -> pd.DataFrame:
-    """One row per finished round with its metrics as columns; ``perf/round_seconds`` is the sum of the
-    stage timings of the run that finished the round (not the time since the campaign started)."""
-    rounds = store.read("rounds").sort_values("round")
-    if rounds.empty:
-        return pd.DataFrame()
-    metrics = pd.DataFrame([json.loads(m) for m in rounds["metrics"]], index=rounds.index)
-    seconds = pd.Series([sum(json.loads(t).values()) for t in rounds["timings"]], index=rounds.index, name="perf/round_seconds")
-    return pd.concat([rounds[["round", "policy_version", "solver"]], metrics, seconds], axis=1).reset_index(drop=True)
 
 
 class Stopwatch:

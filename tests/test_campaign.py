@@ -5,14 +5,25 @@ import shutil
 
 import numpy as np
 import pytest
+from store_contents import parquet_files
 
 from data import Store
+from data.rounds import rounds_table
 from pipelines import flows, stages
-from pipelines.config import TrainerSettings, config_from_settings, load_config, parse_config
+from pipelines.config import (
+    TrainerSettings,
+    config_from_settings,
+    load_config,
+    parse_config,
+)
 from pipelines.oracle_factory import build_oracle
-from pipelines.versions import checkpoint_dir, ensure_reference, has_checkpoint, load_policy
+from pipelines.versions import (
+    checkpoint_dir,
+    ensure_reference,
+    has_checkpoint,
+    load_policy,
+)
 from pipelines.world import World
-from store_contents import parquet_files
 
 pytestmark = pytest.mark.slow
 HERE = os.path.dirname(__file__)
@@ -36,7 +47,7 @@ def _config(tmp_path, **changes):
 def test_campaign_learns_and_a_repeated_round_adds_nothing(tmp_path, prefect_harness):
     config = _config(tmp_path)
     flows.alignment_campaign(config)
-    table = stages.rounds_table(Store(config.store))
+    table = rounds_table(Store(config.store))
     assert list(table["round"]) == [1, 2, 3, 4]
     gap = table["eval/duality_gap"].to_numpy()
     world = World(config)
@@ -57,7 +68,7 @@ def test_campaign_learns_and_a_repeated_round_adds_nothing(tmp_path, prefect_har
 def test_learning_with_noisy_votes(tmp_path, prefect_harness):
     config = _config(tmp_path, rounds=5, oracle={"kind": "matrix", "mode": "bernoulli"}, solver={"algorithm": "inpo", "beta": 0.5})
     flows.alignment_campaign(config)
-    gap = stages.rounds_table(Store(config.store))["eval/duality_gap"].to_numpy()
+    gap = rounds_table(Store(config.store))["eval/duality_gap"].to_numpy()
     assert gap[-1] < gap[0]
 
 

@@ -14,10 +14,16 @@ import pytest
 from store_contents import parquet_files
 
 from data import Store
+from data.rounds import rounds_table
 from oracles.protocol import Judgment
 from pipelines import flows, stages
 from pipelines.config import ConfigError, parse_config
-from pipelines.oracle_factory import OracleSpec, build_oracle, campaign_oracle_ids, people_spec
+from pipelines.oracle_factory import (
+    OracleSpec,
+    build_oracle,
+    campaign_oracle_ids,
+    people_spec,
+)
 from pipelines.preference_models import model_rounds, read_manifest
 from pipelines.world import World
 
@@ -60,7 +66,7 @@ def campaign(tmp_path_factory, prefect_harness):
 @pytest.mark.slow
 def test_a_cascade_round_routes_within_its_budget_records_who_answered_and_retrains(campaign):
     store, world = Store(campaign.store), World(campaign)
-    table = stages.rounds_table(store)
+    table = rounds_table(store)
     assert list(table["round"]) == [1, 2]
 
     # one oracle id for the whole campaign, read by the solver; the model version is in each detail
@@ -187,7 +193,7 @@ def test_a_default_status_does_not_fit(campaign):
     [
         ({"oracle": {"kind": "cascade"}}, "oracle.cascade.judge: Field required"),
         ({"oracle": {"kind": "cascade", "judge": {"kind": "text_world"}, "confidence": 0.7}}, "oracle.cascade.confidence: Input should be less than or equal to 0.5"),
-        ({"oracle": {"kind": "cascade", "judge": {"kind": "text_world"}, "budget": {"usd": 5}}}, "oracle.cascade.budget: Value error, usd needs usd_per_pair"),
+        ({"oracle": {"kind": "cascade", "judge": {"kind": "text_world"}, "budget": {"usd": 5}}}, "oracle.cascade.budget: usd needs usd_per_pair"),
         ({"oracle": {"kind": "cascade", "judge": {"kind": "matrix"}}}, "oracle.judge: the matrix oracle judges the responses of `games`"),
         ({"oracle": {"kind": "cascade", "judge": {"kind": "text_world"}, "people": True}}, "oracle.people: people are the cascade's last stage, but the campaign has no `humans`"),
         ({"oracle": {"kind": "cascade", "judge": {"kind": "text_world"}, "people": True}, "humans": {}}, "humans.share is 1: every pair goes to people directly"),

@@ -3,11 +3,12 @@
 import os
 
 import pytest
+from openai_stub import StubConfig, StubServer
 
 from data import Store
-from pipelines import flows, stages
+from data.rounds import rounds_table
+from pipelines import flows
 from pipelines.config import parse_config
-from openai_stub import StubConfig, StubServer
 
 pytestmark = pytest.mark.slow
 KEY = "sk-test-campaign-judge-0123456789abcdef"
@@ -37,7 +38,7 @@ def test_judge_campaign_runs_and_keeps_the_key_out(tmp_path, prefect_harness, mo
         requests_after_campaign = server.requests
         flows.alignment_round(config, 2)  # the judge's answers are in the store: nothing is asked again
         assert server.requests == requests_after_campaign
-    table = stages.rounds_table(Store(config.store))
+    table = rounds_table(Store(config.store))
     assert list(table["round"]) == [1, 2]
     comps = Store(config.store).read("comparisons")
     assert len(comps) and comps["oracle_id"].str.startswith("llm_judge:").all()

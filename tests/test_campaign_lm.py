@@ -6,11 +6,12 @@ import shutil
 
 import pandas as pd
 import pytest
+from store_contents import parquet_files
 
 from data import Store
-from pipelines import flows, stages
+from data.rounds import rounds_table
+from pipelines import flows
 from pipelines.config import default_config_path, load_config
-from store_contents import parquet_files
 
 pytestmark = pytest.mark.slow
 
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.slow
 def test_demo_campaign_beats_the_reference(tmp_path, prefect_harness):
     config = load_config(default_config_path(), store=str(tmp_path / "store"))
     flows.alignment_campaign(config)
-    table = stages.rounds_table(Store(config.store))
+    table = rounds_table(Store(config.store))
     assert list(table["round"]) == [1, 2, 3]
     last = table.iloc[-1]
     # fixed seed: the new policy wins against the reference on held-out prompts, beyond the interval
@@ -44,7 +45,7 @@ def test_demo_campaign_beats_the_reference(tmp_path, prefect_harness):
 def test_sppo_trains_per_response_in_a_campaign(tmp_path, prefect_harness):
     config = load_config(default_config_path(), store=str(tmp_path / "store"), rounds=1, solver={"algorithm": "sppo", "loss": {"eta": 10.0}})
     flows.alignment_campaign(config)
-    table = stages.rounds_table(Store(config.store))
+    table = rounds_table(Store(config.store))
     assert "loss/sppo" in table and 0.0 <= table["pref/win_rate"].iloc[0] <= 1.0
     assert os.path.exists(os.path.join(config.store, "checkpoints", "v1.json"))  # its manifest (data/checkpoints.py)
 
@@ -55,7 +56,7 @@ def test_nash_md_compares_each_sample_with_one_from_the_mixture(tmp_path, prefec
     )
     flows.alignment_campaign(config)
     store = Store(config.store)
-    table = stages.rounds_table(store)
+    table = rounds_table(store)
     assert "loss/nash_md" in table and os.path.exists(os.path.join(config.store, "checkpoints", "v2.json"))
 
     responses = store.read("responses", rounds=[2]).set_index("response_id")
@@ -77,11 +78,11 @@ def test_a_round_resumed_after_its_update_reports_the_round(tmp_path, prefect_ha
     config = load_config(default_config_path(), store=str(tmp_path / "store"), rounds=2)
     flows.alignment_campaign(config)
     store = Store(config.store)
-    first = stages.rounds_table(store).set_index("round").loc[2]
+    first = rounds_table(store).set_index("round").loc[2]
     # the run died after round 2's update, before its row was written: the next run redoes only the row
     shutil.rmtree(os.path.join(config.store, "rounds", "round=2"))
     flows.alignment_campaign(config)
-    row = stages.rounds_table(store).set_index("round").loc[2]
+    row = rounds_table(store).set_index("round").loc[2]
     assert row["pref/judged_now"] == 0  # this attempt judged nothing: the store had every pair
     train = store.read("comparisons", rounds=[2]).merge(store.read("prompts"), on="prompt_id").query("split == 'train'")
     assert row["pref/round_judged"] == first["pref/round_judged"] == train["p_a"].notna().sum() > 0

@@ -33,7 +33,6 @@ import httpx
 import pyarrow.parquet as pq
 import pytest
 import yaml
-
 from local_servers import free_port, log_tail, stop, wait_until_up
 
 pytestmark = [pytest.mark.prefect_server, pytest.mark.slow]
@@ -314,7 +313,7 @@ def test_campaign_deployment_runs_and_shows_each_stage(server, tmp_path):
     assert "22 judged now, 0 from the store" in by_key["tabular-inpo-judge-progress"][1]["description"]
 
     from data import Store
-    from pipelines.stages import rounds_table
+    from data.rounds import rounds_table
 
     assert list(rounds_table(Store(str(store)))["round"]) == [1, 2]
 
@@ -506,7 +505,7 @@ def test_campaign_with_its_store_on_an_object_store(server, s3_endpoint, monkeyp
     import pyarrow.fs as pafs
 
     from data import Store
-    from pipelines.stages import rounds_table
+    from data.rounds import rounds_table
 
     for k, v in S3_CREDENTIALS.items():
         monkeypatch.setenv(k, v)
