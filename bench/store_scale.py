@@ -10,11 +10,13 @@ reads what the update trains on and scores the reference's log-probs, and the ev
 (`intransitivity` of the round, the rounds table) and its rounds row follow. Defaults: 4,096 responses,
 8,192 comparisons and 8,192 log-probs per round.
 
-Rounds 2 … N − 1 are grown in bulk (``grow_round``: the same rows through ``Store.write``, without the
-stages' per-row Python). Round 1 (an empty store) and round N are each timed in a fresh process, so
-the peak RSS is that round's; then `nashflow status` at round N (the whole command, Python start-up
-included), then `nashflow compact`. One JSON line; `growth_ratio` = round N / round 1 (goal ≤ 1.5),
-`status_s` (goal ≤ 3). The default run takes several minutes and about 1 GB of disk (reported).
+Rounds 1 … N − 1 are grown in bulk (``grow_round``: the same rows through ``Store.write``, in the
+stages' chunks, without their per-row Python). Then, interleaved ``--repeats`` times so that both see
+the same load on shared cores, round 1 of a fresh store and the next round of the grown one are timed,
+each in a fresh process (its peak RSS is that round's); medians are reported. Then `nashflow status`
+(the whole command, Python start-up included) before and after `nashflow compact`. One JSON line;
+`growth_ratio` = round N / round 1 (goal ≤ 1.5), `status_s` (goal ≤ 3). The default run takes about
+four minutes and 0.6 GB of disk (reported as `disk_bytes`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,6 +39,8 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
 from data import Store  # noqa: E402
+from data.keys import prompt_id  # noqa: E402
+from data.schemas import TABLES  # noqa: E402
 from data.rounds import rounds_table  # noqa: E402
 from oracles.protocol import Judgment  # noqa: E402
 from solvers.policy import Sample  # noqa: E402
@@ -98,7 +103,7 @@ def round_store_work(store: Store, round: int, args) -> float:
     config, policy = campaign_config(store.uri), SyntheticPolicy(args.tokens)
     prompts = [f"prompt {i}" for i in range(args.prompts)]
     if round == 1:
-        store.write("prompts", [dict(prompt_id=stages.prompt_id(p), prompt=p, split="train", source="bench") for p in prompts])
+        store.write("prompts", [dict(prompt_id=prompt_id(p), prompt=p, split="train", source="bench") for p in prompts])
     anchor = f"v{round - 1}"
     policy.prepare(len(prompts), args.k, seed=round)
     started = time.perf_counter()
@@ -116,7 +121,7 @@ def grow_round(store: Store, round: int, args, texts: list[str]) -> None:
     """One round's rows written in bulk through ``Store.write`` (validation, key checks, atomic files as
     for any write), shaped as ``round_store_work`` leaves them: the same tables, keys and sizes, without
     the stages' Python per row, so that 200 rounds grow in minutes."""
-    from data.keys import comparison_id, prompt_id, response_id
+    from data.keys import comparison_id, response_id
 
     rng = np.random.default_rng(round)
     anchor, n = f"v{round - 1}", args.prompts * args.k
@@ -151,6 +156,21 @@ def measure(store_dir: str, round: int, args) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def cli(*args: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"nashflow {' '.join(args)} failed: {proc.stderr}")
+
+
+def median_seconds(run, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
 def disk_bytes(folder: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(folder) for f in files)
 
@@ -162,6 +182,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4, help="responses per prompt")
     ap.add_argument("--tokens", type=int, default=200, help="mean response length in tokens")
     ap.add_argument("--dir", default=None, help="where the store grows (default: a temporary folder, removed after)")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved measurements of round 1 and round N; medians are reported")
     ap.add_argument("--measure", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.measure is not None:  # the child process: one round, timed
@@ -172,24 +193,28 @@ def main() -> None:
     folder = args.dir or tempfile.mkdtemp(prefix="nashflow-store-scale-")
     store_dir = os.path.join(folder, "store")
     try:
-        first = measure(store_dir, 1, args)
         grow_started = time.perf_counter()
         store = Store(store_dir)
+        store.write("prompts", [dict(prompt_id=prompt_id(f"prompt {i}"), prompt=f"prompt {i}", split="train", source="bench") for i in range(args.prompts)])
         texts = [t.text for group in SyntheticPolicy(args.tokens).sample(["p"] * 128, 1, seed=0) for t in group]
-        for r in range(2, args.rounds):
+        for r in range(1, args.rounds):
             grow_round(store, r, args, texts)
         grow_s = time.perf_counter() - grow_started
-        last = measure(store_dir, args.rounds, args)
-        started = time.perf_counter()
-        status = subprocess.run([sys.executable, "-m", "pipelines.cli", "status", store_dir], cwd=ROOT, capture_output=True, text=True)
-        status_s = time.perf_counter() - started
-        if status.returncode != 0:
-            raise SystemExit(f"nashflow status failed: {status.stderr}")
-        files_before = len(Store(store_dir).files("comparisons")) + sum(len(Store(store_dir).files(t)) for t in ("responses", "logprobs", "rounds", "prompts"))
+        # interleaved, so both see the same load on shared cores: round 1 of a fresh store, then the next
+        # round of the grown one (rounds N, N + 1, …), each in a fresh process
+        firsts, lasts = [], []
+        for i in range(args.repeats):
+            firsts.append(measure(os.path.join(folder, f"fresh-{i}"), 1, args))
+            lasts.append(measure(store_dir, args.rounds + i, args))
+        status_s = median_seconds(lambda: cli("status", store_dir), args.repeats)
+        files_before = sum(len(Store(store_dir).files(t)) for t in TABLES)
         disk = disk_bytes(store_dir)
         started = time.perf_counter()
         report = Store(store_dir).compact()
         compact_s = time.perf_counter() - started
+        compacted_status_s = median_seconds(lambda: cli("status", store_dir), args.repeats)
+        first = statistics.median(m["seconds"] for m in firsts)
+        last = statistics.median(m["seconds"] for m in lasts)
         print(
             json.dumps(
                 {
@@ -198,16 +223,18 @@ def main() -> None:
                     "responses_per_round": args.prompts * args.k,
                     "comparisons_per_round": JUDGED_PER_ROUND,
                     "logprobs_per_round": 2 * args.prompts * args.k,
-                    "round1_store_s": round(first["seconds"], 3),
-                    f"round{args.rounds}_store_s": round(last["seconds"], 3),
-                    "round200_store_s" if args.rounds == 200 else "last_round_store_s": round(last["seconds"], 3),
-                    "growth_ratio": round(last["seconds"] / first["seconds"], 3),
+                    "repeats": args.repeats,
+                    "round1_store_s": round(first, 3),
+                    f"round{args.rounds}_store_s": round(last, 3),
+                    "growth_ratio": round(last / first, 3),
+                    "growth_ratio_per_repeat": [round(b["seconds"] / a["seconds"], 3) for a, b in zip(firsts, lasts)],
                     "status_s": round(status_s, 3),
+                    "status_after_compact_s": round(compacted_status_s, 3),
                     "files_before_compact": files_before,
                     "files_after_compact": sum(r["files_after"] for r in report.values()),
                     "compact_s": round(compact_s, 2),
-                    "peak_rss_round1_bytes": first["peak_rss_bytes"],
-                    "peak_rss_round200_bytes" if args.rounds == 200 else "peak_rss_last_round_bytes": last["peak_rss_bytes"],
+                    "peak_rss_round1_bytes": max(m["peak_rss_bytes"] for m in firsts),
+                    f"peak_rss_round{args.rounds}_bytes": max(m["peak_rss_bytes"] for m in lasts),
                     "disk_bytes": disk,
                     "grow_s": round(grow_s, 1),
                 }

@@ -211,8 +211,8 @@ def judgment_counts(store, *, rounds=None) -> dict:
     # in Arrow: a long campaign's store holds millions of rows, and `nashflow status` counts them
     c = store.read_arrow("comparisons", rounds=rounds, columns=["prompt_id", "oracle_id", "p_a", "answered_by", "round"])
     prompts = store.read_arrow("prompts", columns=["prompt_id", "split"])
-    split = pc.take(prompts["split"], pc.index_in(c["prompt_id"], value_set=prompts["prompt_id"]))
-    train, held_out = pc.fill_null(pc.equal(split, "train"), False), pc.fill_null(pc.equal(split, "eval"), False)
+    ids_of = {name: prompts["prompt_id"].filter(pc.equal(prompts["split"], name)) for name in ("train", "eval")}
+    train, held_out = (pc.is_in(c["prompt_id"], value_set=ids_of[name]) for name in ("train", "eval"))
     answered = pc.is_valid(c["p_a"])
     who = pc.coalesce(c["answered_by"], c["oracle_id"])
     learned = pc.and_(answered, pc.starts_with(who if len(who) else pa.array([], pa.string()), "learned:"))

@@ -346,15 +346,25 @@ class Store:
 
     def verify_files(self) -> None:
         """Open the footer of every live file: a quick check (no data read) that raises StoreError
-        naming the first unreadable file. ``check`` reads everything."""
-        for spec in TABLES.values():
-            for path, _ in self._files(spec, None):
-                try:
-                    _check_schema(pq.read_schema(path, filesystem=self.fs), spec, path)
-                except FileNotFoundError:
-                    continue  # compacted away since the listing
-                except (pa.ArrowInvalid, OSError) as e:
-                    raise StoreError(f"{path}: unreadable Parquet file in table {spec.name!r} ({_first_line(e)}); `nashflow check {self.uri}` lists every problem and what to do") from e
+        naming an unreadable file. ``check`` reads everything."""
+
+        def footer(entry: tuple[Table, str]) -> str | None:
+            spec, path = entry
+            try:
+                _check_schema(pq.read_schema(path, filesystem=self.fs), spec, path)
+            except FileNotFoundError:
+                return None  # compacted away since the listing
+            except (pa.ArrowInvalid, OSError) as e:
+                return f"{path}: unreadable Parquet file in table {spec.name!r} ({_first_line(e)}); `nashflow check {self.uri}` lists every problem and what to do"
+            except StoreError as e:
+                return f"{e}; `nashflow check {self.uri}` lists every problem and what to do"
+            return None
+
+        entries = [(spec, path) for spec in TABLES.values() for path, _ in self._files(spec, None)]
+        with ThreadPoolExecutor(max_workers=READERS) as pool:
+            problem = next((p for p in pool.map(footer, entries) if p), None)
+        if problem:
+            raise StoreError(problem)
 
     # ----- validation ------------------------------------------------------------------------------
     def _validate(self, spec: Table, t: pa.Table) -> None:
