@@ -205,32 +205,40 @@ def judgment_counts(store, *, rounds=None) -> dict:
     learned            answered rows a learned model gave (``status --fit-gap`` leaves them out)
     rounds             the rounds these rows come from
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    # in Arrow: a long campaign's store holds millions of rows, and `nashflow status` counts them
-    c = store.read_arrow("comparisons", rounds=rounds, columns=["prompt_id", "oracle_id", "p_a", "answered_by", "round"])
     prompts = store.read_arrow("prompts", columns=["prompt_id", "split"])
     ids_of = {name: prompts["prompt_id"].filter(pc.equal(prompts["split"], name)) for name in ("train", "eval")}
-    train, held_out = (pc.is_in(c["prompt_id"], value_set=ids_of[name]) for name in ("train", "eval"))
-    answered = pc.is_valid(c["p_a"])
-    who = pc.coalesce(c["answered_by"], c["oracle_id"])
-    learned = pc.and_(answered, pc.starts_with(who if len(who) else pa.array([], pa.string()), "learned:"))
 
     def count(mask) -> int:
         return int(pc.sum(pc.cast(mask, pa.int64())).as_py() or 0)
 
-    return {
-        "judgments": c.num_rows,
-        "train": count(train),
-        "eval": count(held_out),
-        "abstained": c.num_rows - count(answered),
-        "train_answered": count(pc.and_(train, answered)),
-        "eval_answered": count(pc.and_(held_out, answered)),
-        "ties": count(pc.fill_null(pc.equal(c["p_a"], 0.5), False)),
-        "learned": count(learned),
-        "rounds": sorted(pc.unique(c["round"]).to_pylist()),
-    }
+    def counts_of(round: int) -> dict:
+        """One round's counts, in Arrow (a long campaign's store holds millions of rows, and `nashflow
+        status` counts them: a round at a time, rounds in parallel, nothing concatenated)."""
+        c = store.read_arrow("comparisons", rounds=[round], columns=["prompt_id", "oracle_id", "p_a", "answered_by"])
+        train, held_out = (pc.is_in(c["prompt_id"], value_set=ids_of[name]) for name in ("train", "eval"))
+        answered = pc.is_valid(c["p_a"])
+        learned = pc.and_(answered, pc.starts_with(pc.coalesce(c["answered_by"], c["oracle_id"]), "learned:"))
+        return {
+            "judgments": c.num_rows,
+            "train": count(train),
+            "eval": count(held_out),
+            "abstained": c.num_rows - count(answered),
+            "train_answered": count(pc.and_(train, answered)),
+            "eval_answered": count(pc.and_(held_out, answered)),
+            "ties": count(pc.fill_null(pc.equal(c["p_a"], 0.5), False)),
+            "learned": count(learned),
+        }
+
+    stored = [r for r in store.rounds("comparisons") if rounds is None or r in set(rounds)]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        per_round = {r: c for r, c in zip(stored, pool.map(counts_of, stored)) if c["judgments"]}
+    keys = ("judgments", "train", "eval", "abstained", "train_answered", "eval_answered", "ties", "learned")
+    return {**{k: sum(c[k] for c in per_round.values()) for k in keys}, "rounds": sorted(per_round)}
 
 
 def _bce(p: np.ndarray, q: np.ndarray) -> np.ndarray:
