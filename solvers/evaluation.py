@@ -181,3 +181,22 @@ def population(W: np.ndarray) -> dict:
     M = 0.5 * (W - W.T)  # = W − ½ when W + Wᵀ = 1, exactly antisymmetric in floating point
     lottery = maximal_lottery(M)
     return {"maximal_lottery": lottery, "win_rate_vs_mix": W @ lottery}
+
+
+def head_to_head(p, version_tokens, opponent_tokens, prompt_ids, version_finish, opponent_finish) -> dict:
+    """One version against one opponent on judged pairs (``p`` = P(version ≻ opponent), abstentions
+    dropped): raw win-rate, LC win-rate, each with its 95% half-width, and both sides' lengths."""
+    p = np.asarray(p, float)
+    raw, raw_half = win_rate(p)
+    lc = lc_win_rate(p, np.asarray(version_tokens, float) - np.asarray(opponent_tokens, float), prompt_ids)
+    mine, theirs = length_stats(version_tokens, version_finish), length_stats(opponent_tokens, opponent_finish)
+    return {
+        "win_rate": raw,
+        "win_rate_ci95": raw_half,
+        "lc_win_rate": lc["lc_win_rate"],
+        "lc_win_rate_ci95": lc["lc_ci95"],
+        "length_coef": lc["length_coef"],
+        "pairs": int(len(p)),
+        **mine,
+        **{f"opponent_{k}": v for k, v in theirs.items()},
+    }

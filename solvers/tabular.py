@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from itertools import combinations
 
 import numpy as np
 
@@ -335,3 +336,26 @@ def _polish_support(M: np.ndarray, q: np.ndarray, tol: float) -> np.ndarray:
         return q
     polished = np.clip(polished, 0.0, None)
     return polished / polished.sum()
+
+
+def maximal_lottery_by_supports(M: np.ndarray, *, max_n: int = 12) -> np.ndarray:
+    """An independent check of ``maximal_lottery`` by brute force: for every support S, smallest first,
+    solve M_SSᵀ p_S = 0, Σ p_S = 1 (complementary slackness) and return the first p ≥ 0 with Mᵀp ≥ 0.
+    2ⁿ linear solves: for tests and benchmarks with n ≤ ``max_n``."""
+    M = np.asarray(M, float)
+    n = len(M)
+    if n > max_n:
+        raise ValueError(f"maximal_lottery_by_supports: n = {n} > max_n = {max_n} (2^n supports); use maximal_lottery")
+    for size in range(1, n + 1):
+        for S in combinations(range(n), size):
+            S = list(S)
+            A = np.vstack([M[np.ix_(S, S)].T, np.ones(size)])
+            rhs = np.r_[np.zeros(size), 1.0]
+            x, *_ = np.linalg.lstsq(A, rhs, rcond=None)
+            if np.abs(A @ x - rhs).max() > 1e-9 or (x < -1e-12).any():
+                continue
+            p = np.zeros(n)
+            p[S] = x
+            if (M.T @ p).min() >= -1e-12:
+                return p
+    raise RuntimeError("maximal_lottery_by_supports: no support gives an equilibrium (M not antisymmetric?)")

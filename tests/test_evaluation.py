@@ -1,14 +1,12 @@
 """The evaluation math (solvers/evaluation.py, tabular.maximal_lottery): hand-worked cases, the
 length-biased judge, and the maximal lottery against an independent support enumeration."""
 
-from itertools import combinations
-
 import numpy as np
 import pytest
 
 from oracles.length_bias import length_biased_judgments
 from solvers import evaluation as ev
-from solvers.tabular import maximal_lottery
+from solvers.tabular import maximal_lottery, maximal_lottery_by_supports
 
 
 def test_win_rate_by_hand():
@@ -107,25 +105,6 @@ def test_maximal_lottery_of_a_dominant_version_is_that_version():
     np.testing.assert_allclose(ev.population(W)["maximal_lottery"], [1, 0, 0, 0], atol=1e-12)
 
 
-def support_enumeration(M: np.ndarray) -> np.ndarray:
-    """Independent check: the equilibrium p (Mᵀp ≥ 0, p ≥ 0, Σp = 1) from every support S, solving
-    M_SS p_S = 0, Σp_S = 1 (complementary slackness) — brute force, fine for n ≤ 8."""
-    n = len(M)
-    for size in range(1, n + 1):
-        for S in combinations(range(n), size):
-            S = list(S)
-            A = np.vstack([M[np.ix_(S, S)].T, np.ones(size)])
-            rhs = np.r_[np.zeros(size), 1.0]
-            x, *_ = np.linalg.lstsq(A, rhs, rcond=None)
-            if np.abs(A @ x - rhs).max() > 1e-9 or (x < -1e-12).any():
-                continue
-            p = np.zeros(n)
-            p[S] = x
-            if (M.T @ p).min() >= -1e-12:
-                return p
-    raise AssertionError("no equilibrium found")
-
-
 @pytest.mark.parametrize("seed", range(8))
 def test_maximal_lottery_matches_support_enumeration(seed):
     rng = np.random.default_rng(seed)
@@ -134,7 +113,7 @@ def test_maximal_lottery_matches_support_enumeration(seed):
     M = X - X.T
     p = maximal_lottery(M)
     assert (M.T @ p).min() >= -1e-12 and p.min() >= 0 and p.sum() == pytest.approx(1.0)
-    np.testing.assert_allclose(p, support_enumeration(M), atol=1e-9)
+    np.testing.assert_allclose(p, maximal_lottery_by_supports(M), atol=1e-9)
 
 
 def test_maximal_lottery_refuses_a_matrix_that_is_not_a_game():
