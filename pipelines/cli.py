@@ -281,7 +281,7 @@ def _print_fit_gap(store, *, backbone: str, epochs: int, lr: float | None, seed:
 def eval_(
     store: Annotated[str, typer.Argument(metavar="STORE", help="a campaign's store (folder or URI)")],
     versions: Annotated[Optional[str], typer.Option(help="comma-separated versions, e.g. v0,v2,v3 (default: every finished one)")] = None,
-    against: Annotated[str, typer.Option(help="reference (v0), previous (v_{t−1}) or population (a round-robin among the versions)")] = "reference",
+    against: Annotated[str, typer.Option(help="reference (v0), previous (v_{t−1}), population (a round-robin among the versions), or FILE.jsonl of reference outputs ({prompt, output} per line)")] = "reference",
     oracle: Annotated[Optional[str], typer.Option(metavar="CONFIG", help="a YAML whose `oracle:` section judges instead of the campaign's")] = None,
     config: Annotated[Optional[str], typer.Option(help="the campaign's YAML, for a store that did not save its config (campaign.json)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object on stdout")] = False,
@@ -315,10 +315,8 @@ def eval_(
 def _print_eval(report) -> None:
     out = Console(width=max(Console().width, 120))
     population = report.against == "population"
-    cols = [("version", "version", None)]
-    if not population:
-        cols += [("opponent", "vs", None), ("win_rate", "win", "win_rate_ci95"), ("lc_win_rate", "LC win", "lc_win_rate_ci95"), ("pairs", "pairs", None)]
-    else:
+    cols = [("version", "version", None), ("opponent", "vs", None), ("win_rate", "win", "win_rate_ci95"), ("lc_win_rate", "LC win", "lc_win_rate_ci95"), ("pairs", "pairs", None)]
+    if population:
         cols += [("bt_rating", "BT rating", "bt_ci95"), ("lottery", "max. lottery", None), ("win_rate_vs_mix", "win vs mix", None)]
     cols += [("mean_tokens", "tokens", None), ("median_tokens", "median", None), ("truncated_share", "cut", None)]
     table = Table(*[c[1] for c in cols], title=f"{report.against}: judged by {report.oracle_id}")

@@ -15,6 +15,8 @@ LM update's ``training_pairs``) and the learned oracle (``examples_from_store``)
 from __future__ import annotations
 
 import json
+import os
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -23,6 +25,7 @@ import pandas as pd
 import yaml
 
 from data import Store, comparison_id, prompt_id, response_id
+from data.keys import stable_hash
 from oracles.protocol import Pair
 from pipelines.config import CampaignConfig, ConfigError, load_config, parse_config
 from pipelines.oracle_factory import oracle_spec
@@ -81,35 +84,44 @@ def finished_versions(store: Store) -> list[str]:
 
 
 def evaluate(store: Store, config: CampaignConfig, *, versions: list[str] | None = None, against: str = "reference") -> EvalReport:
-    """The report of ``nashflow eval`` (see the module's docstring); ``against``: reference, previous or population."""
-    if against not in ("reference", "previous", "population"):
-        raise ValueError(f"--against: expected reference, previous, population or a .jsonl file, got {against!r}")
+    """The report of ``nashflow eval`` (see the module's docstring). ``against``: ``reference`` (v0),
+    ``previous`` (v_{t−1}), ``population`` (every pair of versions), or a JSONL file of reference outputs
+    (``{"prompt", "output"}`` per line, the AlpacaEval way: its prompts are the held-out set)."""
+    if config.policy.kind == "tabular":
+        raise ValueError("a tabular campaign has no held-out prompts to sample: its rounds report the exact duality gap and win-rate (nashflow status)")
     world = World(config)
-    if not world.eval_prompts:
-        raise ValueError("the campaign has no held-out prompts (prompts.limit_eval, or 'split': 'eval' rows of its prompts file)")
+    from_file = against.endswith(".jsonl")
+    if not from_file and against not in ("reference", "previous", "population"):
+        raise ValueError(f"--against: expected reference, previous, population or a .jsonl file of reference outputs, got {against!r}")
     store.write("prompts", world.prompt_rows())
+    prompts, file_version = store_reference_outputs(store, config, world, against) if from_file else (world.eval_prompts, None)
+    if not prompts:
+        raise ValueError("the campaign has no held-out prompts (prompts.limit_eval, or 'split': 'eval' rows of its prompts file); pass --against FILE.jsonl")
     versions = versions or finished_versions(store)
     for v in versions:
-        if v != "v0" and not has_checkpoint(store, v):
-            raise ValueError(f"--versions: {v} has no checkpoint in {store.path('checkpoints')}")
+        if not re.fullmatch(r"v\d+", v) or (v != "v0" and not has_checkpoint(store, v)):
+            raise ValueError(f"--versions: {v} is not a version with a checkpoint in {store.path('checkpoints')} (v0, v1, …)")
     m = config.evaluation.samples_per_prompt
-    samples = _Samples(store, config, world, m)
-    pairs = []  # (i, j, storage round, Pair) with version i as a
+    samples = _Samples(store, config, world, prompts, m)
     if against == "population":
         matchups = [(i, j) for i in range(len(versions)) for j in range(i)]
+    elif from_file:
+        matchups = [(i, len(versions)) for i in range(len(versions))]
+        versions = versions + [file_version]
     else:
-        opponent = (lambda v: "v0") if against == "reference" else (lambda v: f"v{max(int(v[1:]) - 1, 0)}")
+        opponent = (lambda v: "v0") if against == "reference" else (lambda v: f"v{max(_number(v) - 1, 0)}")
         versions = [v for v in versions if v != "v0"] if against == "reference" else versions
-        extra = sorted({opponent(v) for v in versions} - set(versions), key=lambda v: int(v[1:]))
+        extra = sorted({opponent(v) for v in versions} - set(versions), key=_number)
         versions = extra + versions
         matchups = [(versions.index(v), versions.index(opponent(v))) for v in versions if v not in extra and opponent(v) != v]
+    pairs = []  # (i, j, storage round, Pair) with version i as a
     for i, j in matchups:
         r_i = samples.round_of(versions[i], prefer=_number(versions[i]))
-        r_j = samples.round_of(versions[j], prefer=r_i)
-        for p in world.eval_prompts:
+        r_j = 0 if from_file else samples.round_of(versions[j], prefer=r_i)
+        for p in prompts:
             pid = prompt_id(p)
             for slot in range(m):
-                a, b = response_id(pid, versions[i], r_i, slot), response_id(pid, versions[j], r_j, slot)
+                a, b = response_id(pid, versions[i], r_i, slot), response_id(pid, versions[j], r_j, 0 if from_file else slot)
                 pairs.append((i, j, max(r_i, r_j), Pair(pid, p, a, samples.text(a), b, samples.text(b))))
     oracle = oracle_spec(config.oracle, config, world).build()
     judged_now = 0
@@ -121,10 +133,11 @@ def evaluate(store: Store, config: CampaignConfig, *, versions: list[str] | None
     ).dropna(subset=["p"])
     resp = samples.responses()
     rows = []
-    for i, v in enumerate(versions):
+    for i, v in enumerate(versions[:-1] if from_file else versions):
         row = {"version": v}
-        mine = judged[judged["i"] == i]
-        if against != "population" and not mine.empty:
+        # the head-to-head: vs the opponent; in a population, vs v0 (the round-robin's pairs with it)
+        mine = judged[(judged["i"] == i) & ((judged["j"] == 0) if against == "population" else True)]
+        if not mine.empty:
             a, b = resp.loc[mine["a_id"]], resp.loc[mine["b_id"]]
             row["opponent"] = versions[int(mine["j"].iloc[0])]
             row |= evaluation.head_to_head(mine["p"], a["n_tokens"], b["n_tokens"], mine["prompt_id"], a["finish_reason"], b["finish_reason"])
@@ -133,6 +146,52 @@ def evaluate(store: Store, config: CampaignConfig, *, versions: list[str] | None
     if against == "population" and len(versions) >= 2:
         report.population = _population(judged, resp, versions, rows)
     return report
+
+
+def store_reference_outputs(store: Store, config: CampaignConfig, world: World, path: str) -> tuple[list[str], str]:
+    """A JSONL of reference outputs (``{"prompt": …, "output": …}`` per line) stored as held-out prompts
+    and the responses of a pseudo-version ``file-<hash of the file>`` in round 0, with their length in
+    the campaign policy's tokens (an end-of-sequence token included, as a sampled response counts it).
+    Refuses a prompt that is one of the campaign's training prompts: its judgments would be trained on."""
+    try:
+        with open(path, "rb") as f:
+            content = f.read()
+    except OSError as e:
+        raise ValueError(f"--against {path}: cannot read ({e.strerror})") from None
+    rows, seen = [], {}
+    for n, line in enumerate(content.decode().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            prompt, output = row["prompt"], row["output"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ValueError(f"{path}:{n}: expected a JSON object with 'prompt' and 'output'") from None
+        if not isinstance(prompt, str) or not isinstance(output, str):
+            raise ValueError(f"{path}:{n}: 'prompt' and 'output' must be strings")
+        if prompt in seen:
+            raise ValueError(f"{path}:{n}: the prompt of line {seen[prompt]} again (one reference output per prompt)")
+        seen[prompt] = n
+        rows.append((prompt, output))
+    if not rows:
+        raise ValueError(f"{path}: no reference outputs")
+    split = store.read("prompts", columns=["prompt_id", "split"]).set_index("prompt_id")["split"]
+    for prompt, _ in rows:
+        if split.get(prompt_id(prompt)) == "train":
+            raise ValueError(f"{path}:{seen[prompt]}: this prompt is one of the campaign's training prompts; an evaluation on it would be trained on")
+    label = f"file-{stable_hash(content, length=6)}"
+    source = f"eval-file:{os.path.basename(path)}"
+    store.write("prompts", [dict(prompt_id=prompt_id(p), prompt=p, split="eval", source=source) for p, _ in rows])
+    tokenizer = load_policy(store, "v0", config, world).tokenizer
+    store.write(
+        "responses",
+        [
+            dict(response_id=response_id(prompt_id(p), label, 0, 0), round=0, policy_version=label, prompt_id=prompt_id(p), text=o,
+                 n_tokens=len(tokenizer(o, add_special_tokens=False)["input_ids"]) + 1, finish_reason="stop", token_ids=None)
+            for p, o in rows
+        ],
+    )
+    return [p for p, _ in rows], label
 
 
 def _population(judged: pd.DataFrame, resp: pd.DataFrame, versions: list[str], rows: list[dict]) -> dict:
@@ -157,9 +216,9 @@ class _Samples:
     """Each version's held-out samples in the store: which round holds all m slots of every held-out
     prompt, sampling them into the version's own round (v_t → round t) when none does."""
 
-    def __init__(self, store: Store, config: CampaignConfig, world: World, m: int):
-        self.store, self.config, self.world, self.m = store, config, world, m
-        self.pids = {prompt_id(p) for p in world.eval_prompts}
+    def __init__(self, store: Store, config: CampaignConfig, world: World, prompts: list[str], m: int):
+        self.store, self.config, self.world, self.prompts, self.m = store, config, world, prompts, m
+        self.pids = {prompt_id(p) for p in prompts}
         self.sampled = 0
         self._read()
 
@@ -180,7 +239,7 @@ class _Samples:
             return max(rounds)
         home = _number(v)
         policy = load_policy(self.store, v, self.config, self.world)
-        self.sampled += sample_responses(self.store, policy, self.world.eval_prompts, round=home, policy_version=v, k=self.m, seed=self.config.seed + EVAL_SEED_OFFSET)["sampled"]
+        self.sampled += sample_responses(self.store, policy, self.prompts, round=home, policy_version=v, k=self.m, seed=self.config.seed + EVAL_SEED_OFFSET)["sampled"]
         self._read()
         return home
 

@@ -67,3 +67,35 @@ def test_eval_names_a_bad_option(demo_store):
     assert out.returncode == 2 and "--against" in out.stderr
     out = nashflow("eval", demo_store, "--versions", "v9", check=False)
     assert out.returncode == 2 and "v9" in out.stderr
+
+
+def test_eval_against_previous_and_with_another_oracle(demo_store, tmp_path):
+    previous = eval_json(demo_store, "--against", "previous")
+    rows = {r["version"]: r for r in previous["rows"]}
+    assert rows["v2"]["opponent"] == "v1" and rows["v1"]["opponent"] == "v0" and "opponent" not in rows["v0"]
+    oracle = tmp_path / "voters.yaml"
+    oracle.write_text("oracle: {kind: text_world, mode: bernoulli, seed: 5}\n")
+    other = eval_json(demo_store, "--oracle", str(oracle), "--versions", "v2")
+    assert other["oracle_id"] != previous["oracle_id"] and other["sampled"] == 0 and other["judged_now"] == 8 * 8
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("oracle: {kind: text_world, mode: sometimes}\n")
+    out = nashflow("eval", demo_store, "--oracle", str(bad), check=False)
+    assert out.returncode == 2 and "bad.yaml" in out.stderr and "oracle.text_world.mode" in out.stderr
+
+
+def test_eval_against_a_file_of_reference_outputs(demo_store, tmp_path):
+    from oracles.text_world import text_world_prompts
+
+    held_out = text_world_prompts("eval")[:3]
+    path = tmp_path / "reference.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p, "output": "A short answer."}) + "\n" for p in held_out))
+    first = eval_json(demo_store, "--against", str(path), "--versions", "v2")
+    (row,) = first["rows"]
+    assert row["opponent"].startswith("file-") and row["pairs"] == 3 * 8
+    assert first["sampled"] == 0  # v2's held-out samples of round 2 cover these prompts
+    files = parquet_files(demo_store)
+    assert eval_json(demo_store, "--against", str(path), "--versions", "v2")["judged_now"] == 0 and parquet_files(demo_store) == files
+    train = tmp_path / "train.jsonl"
+    train.write_text(json.dumps({"prompt": text_world_prompts("train")[0], "output": "x"}) + "\n")
+    out = nashflow("eval", demo_store, "--against", str(train), check=False)
+    assert out.returncode == 2 and "train.jsonl:1" in out.stderr and "training prompts" in out.stderr
