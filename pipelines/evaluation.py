@@ -214,7 +214,8 @@ def _number(v: str) -> int:
 
 class _Samples:
     """Each version's held-out samples in the store: which round holds all m slots of every held-out
-    prompt, sampling them into the version's own round (v_t → round t) when none does."""
+    prompt; when none does, the missing prompts are sampled into the round that holds the others
+    (or the version's own round, v_t → round t)."""
 
     def __init__(self, store: Store, config: CampaignConfig, world: World, prompts: list[str], m: int):
         self.store, self.config, self.world, self.prompts, self.m = store, config, world, prompts, m
@@ -237,11 +238,13 @@ class _Samples:
             return prefer
         if rounds:
             return max(rounds)
-        home = _number(v)
+        # complete a round that holds some of them (only the missing prompts are sampled), else the version's own
+        held = self._resp[self._resp["policy_version"] == v]["round"].value_counts()
+        target = prefer if prefer in held.index else int(held.sort_index().idxmax()) if len(held) else _number(v)
         policy = load_policy(self.store, v, self.config, self.world)
-        self.sampled += sample_responses(self.store, policy, self.prompts, round=home, policy_version=v, k=self.m, seed=self.config.seed + EVAL_SEED_OFFSET)["sampled"]
+        self.sampled += sample_responses(self.store, policy, self.prompts, round=target, policy_version=v, k=self.m, seed=self.config.seed + EVAL_SEED_OFFSET)["sampled"]
         self._read()
-        return home
+        return target
 
     def text(self, rid: str) -> str:
         return self._resp.at[rid, "text"]
