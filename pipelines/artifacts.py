@@ -23,6 +23,12 @@ HEADLINE = (
     "eval/kl_to_nash",
     "eval/win_rate_vs_ref",
     "eval/win_rate_ci95",
+    "eval/lc_win_rate_vs_ref",
+    "eval/lc_win_rate_ci95",
+    "eval/mean_tokens",
+    "eval/median_tokens",
+    "eval/truncated_share",
+    "eval/ref_mean_tokens",
     "pref/pairs",
     "pref/judged_now",
     "pref/cached",
@@ -97,6 +103,13 @@ LEGEND = {  # what each plotted metric is, for a reader of the plot (docs/solver
     "eval/duality_gap_exact_solver": "duality gap of the exact solver (same iterations)",
     "eval/kl_to_nash": "KL(π*‖π) to the regularized equilibrium",
     "eval/win_rate_vs_ref": "win-rate of the policy against the reference",
+    "eval/lc_win_rate_vs_ref": "length-controlled win-rate (AlpacaEval 2)",
+    "eval/mean_tokens": "policy",
+    "eval/ref_mean_tokens": "reference",
+}
+BANDS = {  # metric → (its 95% half-width, the band's legend)
+    "eval/win_rate_vs_ref": ("eval/win_rate_ci95", "95% interval of the win-rate"),
+    "eval/lc_win_rate_vs_ref": ("eval/lc_win_rate_ci95", "95% interval of the LC win-rate"),
 }
 
 
@@ -115,8 +128,10 @@ def plot_metrics(store: Store, table: pd.DataFrame) -> str | None:
 
 def metrics_figure(table: pd.DataFrame):
     """The per-round metrics as a matplotlib figure (None when the table has none to draw): distances to
-    the equilibrium on one panel; the win-rate against the reference on another, with its 95% interval
-    (``eval/win_rate_ci95`` is the half-width) as a band and ½ — no better than the reference — as a line."""
+    the equilibrium on one panel; the raw and length-controlled win-rates against the reference on
+    another, each with its 95% interval (``BANDS``: the half-widths) as a band and ½ — no better than the
+    reference — as a line; the mean response lengths of policy and reference on a third (a win-rate
+    that rises with the length while the LC win-rate does not is the judge's taste for long answers)."""
     if table.empty:
         return None
     import matplotlib
@@ -127,7 +142,8 @@ def metrics_figure(table: pd.DataFrame):
 
     groups = [
         ("distance to the Nash equilibrium", ["eval/duality_gap", "eval/duality_gap_exact_solver", "eval/kl_to_nash"], True),
-        ("win-rate against the reference", ["eval/win_rate_vs_ref"], False),
+        ("win-rate against the reference", ["eval/win_rate_vs_ref", "eval/lc_win_rate_vs_ref"], False),
+        ("mean response length (tokens)", ["eval/mean_tokens", "eval/ref_mean_tokens"], False),
     ]
     groups = [(t, [c for c in cols if c in table], log) for t, cols, log in groups]
     groups = [g for g in groups if g[1]]
@@ -138,9 +154,10 @@ def metrics_figure(table: pd.DataFrame):
     for ax, (title, cols, log) in zip(axes[0], groups):
         for c in cols:
             line = ax.plot(rounds, table[c], marker="o", label=LEGEND.get(c, c))[0]
-            if c == "eval/win_rate_vs_ref" and "eval/win_rate_ci95" in table and table["eval/win_rate_ci95"].notna().any():
-                half = table["eval/win_rate_ci95"]
-                ax.fill_between(rounds, table[c] - half, table[c] + half, color=line.get_color(), alpha=0.2, label="95% interval of the win-rate")
+            band, label = BANDS.get(c, (None, None))
+            if band in table and table[band].notna().any():
+                half = table[band]
+                ax.fill_between(rounds, table[c] - half, table[c] + half, color=line.get_color(), alpha=0.2, label=label)
         if "eval/win_rate_vs_ref" in cols:
             ax.axhline(0.5, color="grey", linestyle="--", linewidth=1, label="½: no better than the reference")
             ax.set_ylabel("P(policy preferred to reference)")

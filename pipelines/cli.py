@@ -84,6 +84,10 @@ def progress_figures(metrics: dict) -> str:
     if "eval/win_rate_vs_ref" in metrics:
         ci = metrics.get("eval/win_rate_ci95")
         parts.append(f"win vs ref {metrics['eval/win_rate_vs_ref']:.3f}" + (f" ± {ci:.3f}" if ci is not None else ""))
+    if "eval/lc_win_rate_vs_ref" in metrics:
+        parts.append(f"LC {metrics['eval/lc_win_rate_vs_ref']:.3f} ± {metrics['eval/lc_win_rate_ci95']:.3f}")
+    if "eval/mean_tokens" in metrics:
+        parts.append(f"{metrics['eval/mean_tokens']:.1f} tokens (ref {metrics['eval/ref_mean_tokens']:.1f})")
     if "pref/round_judged" in metrics:
         parts.append(f"train judged {metrics['pref/round_judged']}")
     return ", ".join(parts)
@@ -96,8 +100,10 @@ SHORT_NAMES = {
     "eval/duality_gap": "gap",
     "eval/duality_gap_exact_solver": "gap (exact solver)",
     "eval/kl_to_nash": "KL(π*‖π)",
-    "eval/win_rate_vs_ref": "win vs ref",
-    "eval/win_rate_ci95": "±95%",
+    "eval/win_rate_vs_ref": "win vs ref ±95%",
+    "eval/lc_win_rate_vs_ref": "LC win ±95%",
+    "eval/mean_tokens": "tokens (ref)",
+    "eval/truncated_share": "cut",
     "intransitivity/cycle_share": "cyclic triples",
     "cascade/share/learned": "by model",
     "cascade/share/judge": "by judge",
@@ -127,6 +133,8 @@ def _print_rounds(table, store=None) -> None:
     notes = []
     if "intransitivity/cycle_share" in cols:
         notes.append("cyclic triples: the round's response triples of a prompt, all three pairs judged, whose majorities go round")
+    if "eval/lc_win_rate_vs_ref" in cols:
+        notes.append("LC win: the win-rate with the judge's taste for length taken out (AlpacaEval 2's length-controlled win-rate); tokens: mean response length of the policy (of the reference); cut: share stopped at max_new_tokens")
     if "perf/round_seconds" in cols:
         notes.append("stage time: seconds the round's stages took, in the run that finished it")
     if store is not None:
@@ -137,8 +145,14 @@ def _print_rounds(table, store=None) -> None:
         wide.print(note, style="dim")
 
 
+# a cell that shows a second metric beside its own: "value ± half-width", "tokens (reference's)"
+BESIDE = {"eval/win_rate_vs_ref": ("eval/win_rate_ci95", "{:.3f} ± {:.3f}"), "eval/lc_win_rate_vs_ref": ("eval/lc_win_rate_ci95", "{:.3f} ± {:.3f}"), "eval/mean_tokens": ("eval/ref_mean_tokens", "{:.1f} ({:.1f})")}
+
+
 def _cell(column: str, row) -> str:
     v = row[column]
+    if column in BESIDE and BESIDE[column][0] in row and row[BESIDE[column][0]] == row[BESIDE[column][0]] and v == v:  # x == x: not NaN
+        return BESIDE[column][1].format(v, row[BESIDE[column][0]])
     if column == "intransitivity/cycle_share" and all(k in row and row[k] == row[k] for k in ("intransitivity/cyclic_triples", "intransitivity/triples")):  # x == x: not NaN
         return f"{int(row['intransitivity/cyclic_triples'])} of {int(row['intransitivity/triples'])}"
     if isinstance(v, float) and v.is_integer() and column.startswith(("pref/", "eval/pairs")):
@@ -224,7 +238,7 @@ def _print_fit_gap(store, *, backbone: str, epochs: int, lr: float | None, seed:
     from data.diagnostics import CYCLE_THRESHOLD, GAP_THRESHOLD, intransitivity, intransitivity_verdict, judgment_counts
     from solvers import preference_model as pm
 
-    examples = pm.examples_from_store(store)  # every oracle's judgments but a learned model's own
+    examples = pm.examples_from_store(store, splits=None)  # every oracle's judgments but a learned model's own, on every prompt
     counts = judgment_counts(store)
     tiny = backbone == "tiny"
     model_config = pm.PreferenceModelConfig(head_hidden=64 if tiny else 256, max_prompt_tokens=64 if tiny else 256, max_response_tokens=64 if tiny else 256)
@@ -261,6 +275,69 @@ def _print_fit_gap(store, *, backbone: str, epochs: int, lr: float | None, seed:
             " disagree about; samples that tie on one property or vary along one line give none: see docs/solvers.md)",
             style="dim",
         )
+
+
+@app.command(name="eval")
+def eval_(
+    store: Annotated[str, typer.Argument(metavar="STORE", help="a campaign's store (folder or URI)")],
+    versions: Annotated[Optional[str], typer.Option(help="comma-separated versions, e.g. v0,v2,v3 (default: every finished one)")] = None,
+    against: Annotated[str, typer.Option(help="reference (v0), previous (v_{t−1}), population (a round-robin among the versions), or FILE.jsonl of reference outputs ({prompt, output} per line)")] = "reference",
+    oracle: Annotated[Optional[str], typer.Option(metavar="CONFIG", help="a YAML whose `oracle:` section judges instead of the campaign's")] = None,
+    config: Annotated[Optional[str], typer.Option(help="the campaign's YAML, for a store that did not save its config (campaign.json)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object on stdout")] = False,
+):
+    """Evaluate a campaign's versions on its held-out prompts.
+
+    Raw and length-controlled win-rate (AlpacaEval 2) with 95% intervals and response lengths per
+    version; with --against population, the win-rate matrix, Bradley–Terry ratings, cyclic triples, the
+    maximal lottery (which mixture of versions to deploy) and each version's win-rate against it.
+    Stored samples and judgments are reused; new ones are stored as evaluation judgments (held-out
+    prompts), never trained on."""
+    _quiet()
+    from data import Store, StoreError
+    from pipelines import evaluation
+    from pipelines.config import ConfigError
+
+    try:
+        opened = Store(store, must_exist=True)
+        cfg = evaluation.campaign_config(opened, config)
+        if oracle:
+            cfg = evaluation.with_oracle(cfg, oracle)
+        report = evaluation.evaluate(opened, cfg, versions=versions.split(",") if versions else None, against=against)
+    except (StoreError, ConfigError, ValueError) as e:
+        _fail(str(e))
+    if as_json:
+        print(json.dumps(evaluation.report_json(report)))
+        return
+    _print_eval(report)
+
+
+def _print_eval(report) -> None:
+    out = Console(width=max(Console().width, 120))
+    population = report.against == "population"
+    cols = [("version", "version", None), ("opponent", "vs", None), ("win_rate", "win", "win_rate_ci95"), ("lc_win_rate", "LC win", "lc_win_rate_ci95"), ("pairs", "pairs", None)]
+    if population:
+        cols += [("bt_rating", "BT rating", "bt_ci95"), ("lottery", "max. lottery", None), ("win_rate_vs_mix", "win vs mix", None)]
+    cols += [("mean_tokens", "tokens", None), ("median_tokens", "median", None), ("truncated_share", "cut", None)]
+    table = Table(*[c[1] for c in cols], title=f"{report.against}: judged by {report.oracle_id}")
+    for row in report.rows:
+        cells = []
+        for key, _, half in cols:
+            v = row.get(key)
+            cell = "" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
+            if half and row.get(half) is not None and cell:
+                cell += f" ± {row[half]:.3f}"
+            cells.append(cell)
+        table.add_row(*cells)
+    out.print(table)
+    if population and report.population:
+        pop = report.population
+        W = Table("P(row ≻ column)", *report.versions, title="win-rate matrix")
+        for v, w in zip(report.versions, pop["W"]):
+            W.add_row(v, *[f"{x:.3f}" for x in w])
+        out.print(W)
+        out.print(f"cyclic version triples: {pop['cyclic_triples']} of {pop['triples']}; maximal lottery: " + ", ".join(f"{v} {p:.3f}" for v, p in zip(report.versions, pop["maximal_lottery"]) if p > 0))
+    out.print(f"sampled now: {report.sampled} responses; judged now: {report.judged_now} pairs (the rest came from the store)", style="dim")
 
 
 @app.command()

@@ -16,6 +16,7 @@ from data import Store
 from data.rounds import rounds_table
 from pipelines import artifacts, human, secrets, stages
 from pipelines.config import CampaignConfig
+from pipelines.evaluation import save_campaign_config
 from pipelines.gpu import gpu_slot, policy_runs_model
 from pipelines.oracle_factory import (
     build_oracle,
@@ -178,6 +179,7 @@ def alignment_round(config: CampaignConfig, round: int) -> dict:
 def alignment_campaign(config: CampaignConfig) -> list[dict]:
     """Runs the rounds the store has not finished yet, in order."""
     store = Store(config.store)
+    save_campaign_config(store, config)  # what `nashflow eval STORE` reads
     finished = set(store.read("rounds", columns=["round"])["round"])
     results = []
     for r in range(1, config.rounds + 1):

@@ -173,12 +173,3 @@ def per_response_examples(pairs: pd.DataFrame, texts: dict, logp: dict, anchor_v
         )
         for (rid, prompt), rate in rates.items()
     ]
-
-
-def win_rate_metrics(p: pd.Series) -> dict:
-    """Mean P(policy ≻ reference) with a normal 95% interval over the judged pairs."""
-    n = len(p)
-    if n == 0:
-        return {"eval/win_rate_vs_ref": float("nan"), "eval/win_rate_ci95": float("nan"), "eval/pairs": 0}
-    half = 1.96 * float(p.std(ddof=1)) / n**0.5 if n > 1 else float("nan")
-    return {"eval/win_rate_vs_ref": float(p.mean()), "eval/win_rate_ci95": half, "eval/pairs": n}

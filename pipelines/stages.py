@@ -20,7 +20,7 @@ from pipelines.config import CampaignConfig
 from pipelines.oracle_factory import build_oracle, campaign_oracle_ids, oracle_runs_model
 from pipelines.versions import checkpoint_dir, has_checkpoint, load_policy, mixture_version, save_checkpoint, stored_update_metrics, version, with_update_metrics
 from pipelines.world import World
-from solvers import tabular
+from solvers import evaluation, tabular
 from solvers.tabular_policy import Judged
 
 
@@ -223,13 +223,12 @@ def ground_truth_metrics(policy, world: World, config: CampaignConfig, round: in
 
 def sampled_win_rate(store: Store, config: CampaignConfig, world: World, *, round: int, hold_gpu=nullcontext) -> dict:
     """Win-rate of v{round} against the reference v0 on fresh samples of the held-out prompts, judged
-    by the campaign's oracle (the ground truth in a synthetic world), with a 95% interval. The samples
+    by the campaign's oracle (the ground truth in a synthetic world), with a 95% interval, beside its
+    length-controlled win-rate and the response lengths (``vs_reference_metrics``). The samples
     and the judgments are stored like any others (held-out prompts never reach training).
 
     ``hold_gpu()``: a context held while a model runs (the task's GPU slot): the sampling, and the
     judging when the oracle is a learned model."""
-    from pipelines.lm_update import win_rate_metrics
-
     m, new = config.evaluation.samples_per_prompt, version(round)
     with hold_gpu():
         for v in (new, "v0"):
@@ -249,7 +248,31 @@ def sampled_win_rate(store: Store, config: CampaignConfig, world: World, *, roun
         judge_pairs(store, oracle, pairs, round=round)
     comps = store.read("comparisons", rounds=[round]).set_index("comparison_id")
     keys = [comparison_id(q.prompt_id, q.a_id, q.b_id, oracle.oracle_id) for q in pairs]
-    return win_rate_metrics(comps.loc[keys, "p_a"].dropna())
+    judged = pd.DataFrame({"a_id": [q.a_id for q in pairs], "b_id": [q.b_id for q in pairs], "prompt_id": [q.prompt_id for q in pairs], "p": comps.loc[keys, "p_a"].to_numpy()})
+    return vs_reference_metrics(judged.dropna(subset=["p"]), resp)
+
+
+def vs_reference_metrics(judged: pd.DataFrame, responses: pd.DataFrame) -> dict:
+    """The round's ``eval/`` metrics from its judged policy-vs-reference pairs (a_id the policy's
+    response, b_id the reference's, p = P(a ≻ b)) and the responses (indexed by id): raw and
+    length-controlled win-rate with 95% intervals, and the response lengths of both."""
+    if judged.empty:
+        return {"eval/win_rate_vs_ref": float("nan"), "eval/win_rate_ci95": float("nan"), "eval/pairs": 0}
+    a, b = responses.loc[judged["a_id"]], responses.loc[judged["b_id"]]
+    h = evaluation.head_to_head(judged["p"], a["n_tokens"], b["n_tokens"], judged["prompt_id"], a["finish_reason"], b["finish_reason"])
+    return {
+        "eval/win_rate_vs_ref": h["win_rate"],
+        "eval/win_rate_ci95": h["win_rate_ci95"],
+        "eval/lc_win_rate_vs_ref": h["lc_win_rate"],
+        "eval/lc_win_rate_ci95": h["lc_win_rate_ci95"],
+        "eval/length_coef": h["length_coef"],
+        "eval/pairs": h["pairs"],
+        "eval/mean_tokens": h["mean_tokens"],
+        "eval/median_tokens": h["median_tokens"],
+        "eval/truncated_share": h["truncated_share"],
+        "eval/ref_mean_tokens": h["opponent_mean_tokens"],
+        "eval/ref_truncated_share": h["opponent_truncated_share"],
+    }
 
 
 def evaluate_policy(store: Store, config: CampaignConfig, world: World, *, round: int, stage_metrics: dict, timings: dict, hold_gpu=nullcontext) -> dict:

@@ -389,13 +389,21 @@ def _load_weights(model: PreferenceModel, path: Path) -> None:
 # ----- data --------------------------------------------------------------------------------------------
 
 
-def examples_from_store(store, *, rounds=None, oracle_ids: set[str] | None = None, exclude_kinds: Sequence[str] = ("learned",)) -> list[PairExample]:
+def examples_from_store(
+    store, *, rounds=None, oracle_ids: set[str] | None = None, exclude_kinds: Sequence[str] = ("learned",), splits: Sequence[str] | None = ("train",)
+) -> list[PairExample]:
     """The store's judgments as training pairs (p_a as soft label, n_votes as weight), of the given
     rounds and oracles (None: all). Judgments made by an oracle whose kind (the first part of its
     ``oracle_id``; through a cascade, the stage's: the ``answered_by`` column) is in ``exclude_kinds``
-    are left out: by default a learned model's own answers, so it never trains on itself."""
+    are left out: by default a learned model's own answers, so it never trains on itself. Only
+    judgments on prompts of ``splits`` are kept: by default training prompts, so evaluation judgments
+    (held-out prompts: each round's win-rate, ``nashflow eval``) never train a learned oracle
+    (None: every prompt, for diagnostics)."""
     c = store.read("comparisons", rounds=rounds)
     c = c[c["p_a"].notna() & (c["n_votes"] > 0)]
+    if splits is not None:
+        split = store.read("prompts", columns=["prompt_id", "split"]).set_index("prompt_id")["split"]
+        c = c[c["prompt_id"].map(split).isin(set(splits))]
     if oracle_ids is not None:
         c = c[c["oracle_id"].isin(set(oracle_ids))]
     if exclude_kinds:

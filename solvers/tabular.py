@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from itertools import combinations
 
 import numpy as np
 
@@ -266,3 +267,95 @@ def run(P: np.ndarray, mu: np.ndarray, step: Step, params: Params, iterations: i
     policies = np.stack([next(it) for _ in range(iterations + 1)])
     average = np.cumsum(policies, axis=0) / np.arange(1, iterations + 2)[:, None]
     return Solution(policies, average, params)
+
+
+# ----- the unregularized equilibrium of a symmetric zero-sum game: the maximal lottery -----------------
+
+
+def maximal_lottery(M: np.ndarray, *, tol: float = 1e-10) -> np.ndarray:
+    """The Nash equilibrium p of the antisymmetric game M (Mᵀ = −M; e.g. M = W − ½ with W the win-rate
+    matrix, W + Wᵀ = 1): a mixture with pᵀ M ≥ 0, no option beats it on average. Fishburn's maximal
+    lottery (Rev. Econ. Stud. 1984), the β → 0 end of NLHF's regularized game (Munos et al., arXiv
+    2312.00886); unique when M has no zero-sum ties among odd subsets (Laffond, Laslier & Le Breton 1997).
+
+    Solved exactly as a linear program, not by iterating: with A = M + c (c > max |M|, so A > 0 and
+    the value is c), the column player's  max Σy s.t. A y ≤ 1, y ≥ 0  is in standard form with the slack
+    basis feasible; a dense tableau simplex with Bland's rule (no cycling) finds a vertex y and
+    q = y / Σy is the column player's optimal strategy. The game is symmetric, so q is also optimal for
+    the row player (M q ≤ 0 ⇔ Mᵀ q ≥ 0), i.e. a maximal lottery. Last, the support S of q is polished
+    by solving M_SS q_S = 0, Σ q_S = 1 (complementary slackness), so the result is exact up to
+    rounding, not to a tolerance of the simplex."""
+    M = np.asarray(M, float)
+    n = len(M)
+    if M.ndim != 2 or M.shape != (n, n) or n == 0:
+        raise ValueError(f"maximal_lottery: M must be a non-empty square matrix, got shape {M.shape}")
+    if not np.isfinite(M).all():
+        raise ValueError("maximal_lottery: M has NaN or infinite entries (a pair of options never compared?)")
+    if np.abs(M + M.T).max() > 1e-9:
+        raise ValueError(f"maximal_lottery: M is not antisymmetric (max |M + Mᵀ| = {np.abs(M + M.T).max():.3g}); pass W − ½ of a win-rate matrix with W + Wᵀ = 1")
+    A = M + 1.0 + np.abs(M).max()
+    # tableau [A | I | 1] with the objective row [−1 | 0 | 0]; basis = the slacks
+    T = np.zeros((n + 1, 2 * n + 1))
+    T[:n, :n], T[:n, n : 2 * n], T[:n, -1] = A, np.eye(n), 1.0
+    T[n, :n] = -1.0
+    basis = list(range(n, 2 * n))
+    for _ in range(50 * n * n + 100):
+        entering = next((j for j in range(2 * n) if T[n, j] < -tol), None)
+        if entering is None:
+            break
+        col = T[:n, entering]
+        rows = [i for i in range(n) if col[i] > tol]
+        ratio = min(T[i, -1] / col[i] for i in rows)  # bounded: A > 0, so some row always qualifies
+        leaving = min((i for i in rows if T[i, -1] / col[i] <= ratio + tol), key=lambda i: basis[i])
+        T[leaving] /= T[leaving, entering]
+        for i in range(n + 1):
+            if i != leaving:
+                T[i] -= T[i, entering] * T[leaving]
+        basis[leaving] = entering
+    else:
+        raise RuntimeError("maximal_lottery: the simplex did not finish (it cannot cycle under Bland's rule: report this game)")
+    y = np.zeros(n)
+    for i, b in enumerate(basis):
+        if b < n:
+            y[b] = max(T[i, -1], 0.0)
+    q = y / y.sum()
+    return _polish_support(M, q, tol)
+
+
+def _polish_support(M: np.ndarray, q: np.ndarray, tol: float) -> np.ndarray:
+    """q re-solved on its support S from M_SS q_S = 0, Σ q_S = 1; kept as it is if that is not an equilibrium."""
+    S = np.flatnonzero(q > 1e-9)
+    system = np.vstack([M[np.ix_(S, S)], np.ones(len(S))])
+    rhs = np.zeros(len(S) + 1)
+    rhs[-1] = 1.0
+    q_S, *_ = np.linalg.lstsq(system, rhs, rcond=None)
+    polished = np.zeros(len(q))
+    polished[S] = q_S
+    ok = (q_S >= -tol).all() and np.abs(system @ q_S - rhs).max() < 1e-9 and (M @ polished).max() <= 1e-9
+    if not ok:
+        return q
+    polished = np.clip(polished, 0.0, None)
+    return polished / polished.sum()
+
+
+def maximal_lottery_by_supports(M: np.ndarray, *, max_n: int = 12) -> np.ndarray:
+    """An independent check of ``maximal_lottery`` by brute force: for every support S, smallest first,
+    solve M_SSᵀ p_S = 0, Σ p_S = 1 (complementary slackness) and return the first p ≥ 0 with Mᵀp ≥ 0.
+    2ⁿ linear solves: for tests and benchmarks with n ≤ ``max_n``."""
+    M = np.asarray(M, float)
+    n = len(M)
+    if n > max_n:
+        raise ValueError(f"maximal_lottery_by_supports: n = {n} > max_n = {max_n} (2^n supports); use maximal_lottery")
+    for size in range(1, n + 1):
+        for S in combinations(range(n), size):
+            S = list(S)
+            A = np.vstack([M[np.ix_(S, S)].T, np.ones(size)])
+            rhs = np.r_[np.zeros(size), 1.0]
+            x, *_ = np.linalg.lstsq(A, rhs, rcond=None)
+            if np.abs(A @ x - rhs).max() > 1e-9 or (x < -1e-12).any():
+                continue
+            p = np.zeros(n)
+            p[S] = x
+            if (M.T @ p).min() >= -1e-12:
+                return p
+    raise RuntimeError("maximal_lottery_by_supports: no support gives an equilibrium (M not antisymmetric?)")

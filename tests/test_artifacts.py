@@ -47,3 +47,21 @@ def test_tabular_plot_names_its_metrics(tmp_path):
     plt.close(fig)
     store = Store(str(tmp_path / "store"))
     assert plot_metrics(store, table) == store.path(PLOT) and store.read_bytes(PLOT)[:4] == b"\x89PNG"
+
+
+def test_lc_win_rate_and_lengths_are_plotted_and_summarized():
+    import matplotlib.pyplot as plt
+
+    from pipelines.artifacts import summary_markdown
+
+    table = _lm_table().assign(
+        **{"eval/lc_win_rate_vs_ref": [0.5, 0.52, 0.53], "eval/lc_win_rate_ci95": [0.06, 0.06, 0.07], "eval/mean_tokens": [15.0, 18.0, 22.0], "eval/ref_mean_tokens": [15.0, 15.2, 14.9]}
+    )
+    fig = metrics_figure(table)
+    win, lengths = fig.axes
+    labels = [t.get_text() for t in win.get_legend().get_texts()]
+    assert LEGEND["eval/lc_win_rate_vs_ref"] in labels and "95% interval of the LC win-rate" in labels
+    assert [t.get_text() for t in lengths.get_legend().get_texts()] == [LEGEND["eval/mean_tokens"], LEGEND["eval/ref_mean_tokens"]]
+    plt.close(fig)
+    md = summary_markdown("c", 3, dict(table.iloc[-1].drop(["policy_version", "solver"])), {"judge": 1.0}, None)
+    assert "| eval/lc_win_rate_vs_ref | 0.53 |" in md and "| eval/mean_tokens | 22 |" in md

@@ -19,11 +19,11 @@ def nashflow(*args, check=True):
 
 def test_help_lists_the_commands():
     out = nashflow("--help").stdout
-    for command in ("run", "demo", "status", "solve", "export"):
+    for command in ("run", "demo", "status", "solve", "export", "eval"):
         assert command in out
 
 
-@pytest.mark.parametrize("command", [[], ["run"], ["demo"], ["status"], ["solve"], ["export"]])
+@pytest.mark.parametrize("command", [[], ["run"], ["demo"], ["status"], ["solve"], ["export"], ["eval"]])
 def test_help_shows_no_type_on_a_flag(command):
     out = nashflow(*command, "--help").stdout
     assert "--help" in out and "<bool>" not in out
