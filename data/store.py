@@ -295,8 +295,11 @@ class Store:
                 if len(live) > 1:
                     rows = _drop_duplicate_keys(pa.concat_tables([self._read_file(spec, f"{folder}/{n}", rnd, spec.schema.names, spec.schema, None) for n in live]), spec.key)
                     self._write_file(spec, rnd, f"{COMPACTED}{stable_hash(*live)}.parquet", rows, {REPLACES: json.dumps(live)})
-                for name in sorted(set(names) - set(live) | (set(live) if len(live) > 1 else set())):
-                    self._remove(f"{folder}/{name}")  # dead files: replaced by the merged one
+                dead = set(names) - set(live)  # replaced by a merged file before (a compaction killed half-way)
+                if len(live) > 1:
+                    dead |= set(live)  # replaced by the one just written
+                for name in sorted(dead):
+                    self._remove(f"{folder}/{name}")
                 after += min(len(live), 1)
             report[spec.name] = {"files_before": before, "files_after": after}
         return report
@@ -311,19 +314,20 @@ class Store:
         problems: list[Problem] = []
         tables: dict[str, pa.Table] = {}
         for spec in TABLES.values():
-            parts = []
+            parts, files = [], []
             for folder, rnd, names in self._partitions(spec, strict=False):
                 for name in self._live(folder, names):
                     path = f"{folder}/{name}"
                     try:
                         parts.append(self._read_file(spec, path, rnd, spec.schema.names, spec.schema, None))
+                        files += [path] * parts[-1].num_rows
                     except StoreError as e:
                         problems.append(Problem(path, str(e).split(" (", 1)[0].removeprefix(f"{path}: "), MOVE_ASIDE))
             problems += self._stray(spec)
             rows = pa.concat_tables(parts) if parts else spec.schema.empty_table()
             unique = _drop_duplicate_keys(rows, spec.key)
-            if unique.num_rows < rows.num_rows and _drop_duplicate_rows(rows).num_rows > unique.num_rows:
-                problems.append(Problem(self.path(spec.name), f"{spec.name}: a key is stored twice with different contents", "readers keep the first; find the files with `nashflow check` after moving newer ones aside"))
+            if unique.num_rows < rows.num_rows:
+                problems += _conflicting_copies(spec, rows, files)
             tables[spec.name] = unique
         for table, column, target in REFERENCES:
             known = tables[target][TABLES[target].key[0]]
@@ -533,10 +537,20 @@ def _drop_duplicate_keys(t: pa.Table, key: Sequence[str]) -> pa.Table:
     return t.take(pc.take(rows, pc.sort_indices(rows)))
 
 
-def _drop_duplicate_rows(t: pa.Table) -> pa.Table:
-    """Rows that differ in some column (list columns compared as text)."""
-    columns = [pc.cast(t[c], pa.string()) if not pa.types.is_list(t[c].type) else pa.array([str(v) for v in t[c].to_pylist()]) for c in t.column_names]
-    return _drop_duplicate_keys(pa.table({str(i): c for i, c in enumerate(columns)}), [str(i) for i in range(len(columns))])
+def _conflicting_copies(spec: Table, rows: pa.Table, files: list[str]) -> list[Problem]:
+    """A problem for each key stored more than once with different contents (identical copies, left by
+    racing writers, are harmless: readers keep one)."""
+    by_key: dict[tuple, list[int]] = {}
+    for i, key in enumerate(_key_tuples(rows, spec.key)):
+        by_key.setdefault(key, []).append(i)
+    problems = []
+    for key, where in by_key.items():
+        copies = [rows.slice(i, 1).to_pylist()[0] for i in where]
+        if len(where) > 1 and any(c != copies[0] for c in copies[1:]):
+            named = ", ".join(f"{k}={v!r}" for k, v in zip(spec.key, key))
+            paths = sorted({files[i] for i in where})
+            problems.append(Problem(paths[0], f"{spec.name}: {named} is stored with different contents in {len(paths)} files: {', '.join(paths)}", "readers keep the row of the first file by name; move the wrong file out of the store"))
+    return problems
 
 
 def _check_schema(got: pa.Schema, spec: Table, path: str) -> None:

@@ -200,3 +200,19 @@ def test_comparisons_written_before_the_typed_columns_read_with_them(tmp_path):
     # a column asked for alone migrates too; the learned answer is left out of the cycle count
     assert store.read("comparisons", columns=["answered_by"])["answered_by"].str.startswith("learned:").sum() == 1
     assert intransitivity(store)["intransitivity/triples"] == 0  # a → b (learned) is left out: no whole triple
+
+
+def test_check_names_a_key_stored_twice_with_different_contents(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    store = Store(tmp_path)
+    grow(store, 1)
+    first = sorted((tmp_path / "comparisons" / "round=1").glob("*.parquet"))[0]
+    copy = pq.read_table(first)
+    pq.write_table(copy, first.with_name("part-copy.parquet"))  # an identical copy: harmless
+    assert store.check() == []
+    changed = copy.set_column(copy.schema.get_field_index("p_a"), "p_a", pa.array([0.99] * copy.num_rows))
+    pq.write_table(changed, first.with_name("part-changed.parquet"))
+    (problem,) = store.check()
+    assert "stored with different contents in 3 files" in problem.what and "part-changed.parquet" in problem.what  # the original, its copy, the changed one
