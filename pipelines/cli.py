@@ -128,7 +128,7 @@ def _print_rounds(table, store=None) -> None:
     out = Table(*[SHORT_NAMES[c] for c in cols], title=f"rounds ({solver})")
     for _, row in table.iterrows():
         out.add_row(*[_cell(c, row) for c in cols])
-    wide = Console(width=max(Console().width, 120))
+    wide = Console(width=max(Console().width, 120 if Console().is_terminal else 400))  # piped: every column whole
     wide.print(out)
     notes = []
     if "intransitivity/cycle_share" in cols:
