@@ -25,7 +25,7 @@ from prefect.runtime import deployment, flow_run
 from data import Store
 from data.keys import stable_hash
 from oracles.protocol import Pair
-from oracles.resume import unjudged
+from oracles.resume import pairs_from_keys, unjudged
 from pipelines.config import CampaignConfig
 from pipelines.oracle_factory import people_oracle
 from pipelines.retrying import worth_retrying
@@ -135,8 +135,6 @@ def await_people(config: CampaignConfig, round: int, pairs: list[tuple[str, str,
 )
 def submit_to_people_task(config: CampaignConfig, round: int, pairs: list) -> dict:
     """``pairs``: the pairing stage's keys; the texts people see come from the store."""
-    from pipelines.stages import pairs_from_keys
-
     store = Store(config.store)
     return submit_and_collect(store, people_oracle(config), pairs_from_keys(store, pairs, round=round), round=round)
 

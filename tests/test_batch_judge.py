@@ -1,0 +1,203 @@
+"""The LLM judge through the Batch API (oracles/batch_judge.py, pipelines/batch_judging.py), against the
+local stub's Files and Batches endpoints (tests/openai_stub.py), talked to with the real ``openai`` client."""
+
+import json
+import time
+
+import pytest
+
+from data import Store
+from data.keys import comparison_id, prompt_id, response_id
+from oracles.batch_judge import RECORDS, BatchJudge, BatchSettings
+from oracles.llm_judge import LLMJudge, LLMJudgeConfig
+from oracles.protocol import Pair
+from openai_stub import StubConfig, StubServer, rule_p_first
+
+KEY = "sk-test-batch-judge-0123456789abcdef"
+PRICES = {"stub-judge": (1.0, 2.0)}
+
+
+def _store_with_pairs(tmp_path, n_prompts=3, k=3, *, faults: dict | None = None) -> tuple[Store, list[Pair]]:
+    """A store holding prompts and round-1 responses whose texts carry the stub's ``score=``; every
+    ordered pair of each prompt's responses. ``faults``: (prompt index, slot) → text appended."""
+    store = Store(str(tmp_path / "store"))
+    prompts, responses, pairs = [], [], []
+    for i in range(n_prompts):
+        text = f"prompt {i}"
+        pid = prompt_id(text)
+        prompts.append({"prompt_id": pid, "prompt": text, "split": "train", "source": "test"})
+        group = []
+        for slot in range(k):
+            rid = response_id(pid, "v0", 1, slot)
+            body = f"answer {slot} score={slot + 1 + i}" + (faults or {}).get((i, slot), "")
+            responses.append({"response_id": rid, "round": 1, "policy_version": "v0", "prompt_id": pid, "text": body, "n_tokens": 3, "finish_reason": "stop", "token_ids": None})
+            group.append((rid, body))
+        pairs += [Pair(pid, text, *x, *y) for x in group for y in group if x != y]
+    store.write("prompts", prompts)
+    store.write("responses", responses)
+    return store, pairs
+
+
+def _judge(server, **changes) -> LLMJudge:
+    return LLMJudge(LLMJudgeConfig(model="stub-judge", base_url=server.base_url, api_key=KEY, prices=PRICES, **changes))
+
+
+def _stored(store: Store, oracle_id: str):
+    comps = store.read("comparisons")
+    return comps[comps["oracle_id"] == oracle_id]
+
+
+def _until_done(batch: BatchJudge, round: int = 1, tries: int = 40) -> None:
+    for _ in range(tries):
+        batch.collect()
+        if batch.pending(round=round) == 0:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"still pending: {batch.status(round=round)}")
+
+
+# ----- one home for questions and answers ------------------------------------------------------------------
+
+
+def test_the_batch_judge_gives_the_online_probabilities_at_the_batch_price(tmp_path):
+    store, pairs = _store_with_pairs(tmp_path)
+    with StubServer(StubConfig(position_bias=0.1, api_key=KEY)) as server:
+        online = _judge(server).judge(pairs)
+        batch = BatchJudge(_judge(server), store, BatchSettings(discount=0.5))
+        out = batch.submit(pairs, round=1)
+        assert out["batches_created"] == 1 and batch.pending(round=1) == len(pairs)
+        _until_done(batch)
+        (created,) = server.batches.values()
+        lines = [json.loads(x) for x in server.files[created["input_file_id"]]["_data"].decode().splitlines()]
+    assert len(lines) == 2 * len(pairs), "both orders of every pair"
+    ab = lines[0]
+    assert ab["method"] == "POST" and ab["url"] == "/v1/chat/completions"
+    p = pairs[0]
+    assert ab["custom_id"] == f"{comparison_id(p.prompt_id, p.a_id, p.b_id, batch.oracle_id)}:ab", "custom_id = comparison key + order"
+    user = ab["body"]["messages"][-1]["content"]
+    assert "<<<BEGIN A " in user and p.a in user and ab["body"]["logprobs"] is True, "the online judge's template, fences and logprobs"
+    comps = _stored(store, batch.oracle_id).set_index("comparison_id")
+    assert len(comps) == len(pairs)
+    for j in online:
+        row = comps.loc[comparison_id(j.pair.prompt_id, j.pair.a_id, j.pair.b_id, batch.oracle_id)]
+        assert row["p_a"] == pytest.approx(j.p_a, abs=1e-12), "same probability online and in batch"
+        assert j.p_a == pytest.approx(rule_p_first(j.pair.a, j.pair.b), abs=1e-9), "both orders cancel the position bias"
+        assert row["cost_usd"] == pytest.approx(j.cost_usd * 0.5), "the batch price is half the online one"
+        assert json.loads(row["detail"])["orders"][0]["answers"][0]["source"] == "logprobs"
+
+
+def test_the_oracle_id_is_the_online_judges(tmp_path):
+    store, _ = _store_with_pairs(tmp_path, n_prompts=1)
+    with StubServer(StubConfig()) as server:
+        assert BatchJudge(_judge(server), store).oracle_id == _judge(server).oracle_id
+
+
+# ----- failures, expiry, crashes -------------------------------------------------------------------------
+
+
+def test_failed_and_expired_requests_are_resubmitted_and_nothing_is_lost_or_judged_twice(tmp_path):
+    faults = {(0, 1): " !fault=500x1", (1, 2): " !fault=garbagex99"}  # a server error once; an unreadable answer
+    store, pairs = _store_with_pairs(tmp_path, faults=faults)
+    with StubServer(StubConfig(expire_batches=1, batch_delay_s=0.2)) as server:
+        batch = BatchJudge(_judge(server), store, BatchSettings(on_failure="resubmit", max_resubmits=3))
+        batch.submit(pairs, round=1)
+        assert batch.collect() == [] and batch.pending(round=1) == len(pairs), "in progress: nothing yet"
+        _until_done(batch)
+        assert server.batches_created >= 2
+        statuses = [b["status"] for b in server.batches.values()]
+    assert statuses[0] == "expired" and all(s == "completed" for s in statuses[1:])
+    comps = _stored(store, batch.oracle_id)
+    assert sorted(comps["comparison_id"]) == sorted({comparison_id(p.prompt_id, p.a_id, p.b_id, batch.oracle_id) for p in pairs}), "every pair once"
+    abstained = comps[comps["p_a"].isna()]
+    assert len(abstained) and abstained["error"].str.startswith("abstained: ").all(), "an unreadable answer is an abstention"
+    assert batch.status(round=1)["batch/given_up"] == 0
+
+
+def test_failed_requests_can_go_to_the_online_judge(tmp_path):
+    store, pairs = _store_with_pairs(tmp_path, n_prompts=2)
+    with StubServer(StubConfig(expire_batches=1)) as server:
+        batch = BatchJudge(_judge(server), store, BatchSettings(on_failure="online"))
+        batch.submit(pairs, round=1)
+        _until_done(batch)
+        assert server.batches_created == 1, "no second batch: the rest went online"
+        (record,) = batch.records(round=1)
+    assert record["online"] > 0 and record["status"] == "expired"
+    comps = _stored(store, batch.oracle_id)
+    assert len(comps) == len(pairs) == comps["comparison_id"].nunique() and comps["p_a"].notna().all()
+
+
+def test_a_pair_that_keeps_failing_is_given_up_and_not_asked_again(tmp_path):
+    store, pairs = _store_with_pairs(tmp_path, n_prompts=1, faults={(0, 0): " !fault=400x99"})
+    with StubServer(StubConfig()) as server:
+        batch = BatchJudge(_judge(server), store, BatchSettings(max_resubmits=1))
+        batch.submit(pairs, round=1)
+        _until_done(batch)
+        assert server.batches_created == 2
+        again = batch.submit(pairs, round=1)  # a resumed round
+        assert again["batches_created"] == 0 and server.batches_created == 2
+    given_up = batch.status(round=1)["batch/given_up"]
+    assert given_up == 4, "response 0 in either slot of the prompt's 6 ordered pairs fails"
+    assert len(_stored(store, batch.oracle_id)) == len(pairs) - given_up
+
+
+class Killed(BaseException):
+    """Stands for the process dying at that line (a BaseException: nothing catches it)."""
+
+
+@pytest.mark.parametrize("where", ["after_upload", "after_create"])
+def test_killed_between_upload_create_and_collect_loses_and_duplicates_nothing(tmp_path, where):
+    store, pairs = _store_with_pairs(tmp_path)
+    with StubServer(StubConfig(batch_delay_s=0.3)) as server:
+        first = BatchJudge(_judge(server), store)
+        create = first.client.batches.create
+
+        def dies(**kw):
+            if where == "after_create":
+                create(**kw)  # the server created it; the process dies before recording its id
+            raise Killed()
+
+        first.client.batches.create = dies
+        with pytest.raises(Killed):
+            first.submit(pairs, round=1)
+        (record,) = first.records(round=1)
+        assert record["file_id"] and record["batch_id"] is None and record["state"] == "new"
+        uploads = len(server.files)
+
+        resumed = BatchJudge(_judge(server), store)  # a new process: only the store survives
+        resumed.submit(pairs, round=1)
+        assert len(server.files) == uploads, "the file is found again, not uploaded twice"
+        assert server.batches_created == 1, "one batch for these pairs, however often the round starts"
+        resumed.submit(pairs, round=1)  # killed between creation and collection: the round runs again
+        assert server.batches_created == 1
+        _until_done(BatchJudge(_judge(server), store))
+    comps = _stored(store, resumed.oracle_id)
+    assert len(comps) == len(pairs) == comps["comparison_id"].nunique()
+
+
+def test_the_budget_is_checked_at_batch_prices_before_submitting(tmp_path):
+    store, pairs = _store_with_pairs(tmp_path)
+    with StubServer(StubConfig()) as server:
+        probe = BatchJudge(_judge(server), store)
+        from oracles.llm_judge import worst_case_usd
+
+        per_pair = worst_case_usd(probe.config, probe.online.template, pairs[0])
+        budget = per_pair * 4.5  # room for 4 pairs at the batch price (the online price would fit 2)
+        batch = BatchJudge(_judge(server, budget_usd=budget), store)
+        out = batch.submit(pairs, round=1)
+        assert out["pairs_submitted"] == 4 and out["over_budget"] == len(pairs) - 4
+        _until_done(batch)
+        again = batch.submit(pairs, round=1)  # the spent cost (below the worst case) frees room for more
+        _until_done(batch)
+    spent = sum(r.get("cost_usd", 0.0) for r in batch.records(round=1))
+    assert again["pairs_submitted"] > 0 and spent <= budget
+
+
+def test_no_key_in_records_or_uploaded_files(tmp_path):
+    store, pairs = _store_with_pairs(tmp_path, n_prompts=1)
+    with StubServer(StubConfig(api_key=KEY)) as server:
+        batch = BatchJudge(_judge(server), store)
+        batch.submit(pairs, round=1)
+        _until_done(batch)
+        assert all(KEY.encode() not in f["_data"] for f in server.files.values())
+    assert all(KEY not in store.read_bytes(f"{RECORDS}/{n}").decode() for n in store.list_files(RECORDS))
+    assert KEY not in repr(batch)
