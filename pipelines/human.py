@@ -92,17 +92,18 @@ def wait_in_place(store: Store, config: CampaignConfig, pairs: list, status: dic
         status = collect_status(store, people, pairs, round=round)
 
 
-def mark_waiting(store: Store, round: int, flow_run_id: str) -> None:
-    store.write_bytes(f"{WAITING}/round-{round}.json", json.dumps({"round": round, "flow_run_id": flow_run_id}).encode())
+def mark_waiting(store: Store, round: int, flow_run_id: str, *, folder: str = WAITING) -> None:
+    """A suspended round's marker (``folder``: people's, or pipelines/batch_judging.py's for batches)."""
+    store.write_bytes(f"{folder}/round-{round}.json", json.dumps({"round": round, "flow_run_id": flow_run_id}).encode())
 
 
-def waiting_rounds(store: Store) -> list[dict]:
-    names = [n for n in store.list_files(WAITING) if n.startswith("round-") and n.endswith(".json")]
-    return sorted((json.loads(store.read_bytes(f"{WAITING}/{n}")) for n in names), key=lambda m: m["round"])
+def waiting_rounds(store: Store, *, folder: str = WAITING) -> list[dict]:
+    names = [n for n in store.list_files(folder) if n.startswith("round-") and n.endswith(".json")]
+    return sorted((json.loads(store.read_bytes(f"{folder}/{n}")) for n in names), key=lambda m: m["round"])
 
 
-def clear_waiting(store: Store, round: int) -> None:
-    store.delete(f"{WAITING}/round-{round}.json")
+def clear_waiting(store: Store, round: int, *, folder: str = WAITING) -> None:
+    store.delete(f"{folder}/round-{round}.json")
 
 
 # ----- Prefect: waiting for people, and the scheduled collection -----------------------------------------

@@ -47,6 +47,10 @@ def _stored(store: Store, oracle_id: str):
     return comps[comps["oracle_id"] == oracle_id]
 
 
+def _records(store: Store) -> list[dict]:
+    return [json.loads(store.read_bytes(f"{RECORDS}/{n}")) for n in store.list_files(RECORDS) if n.endswith(".json")]
+
+
 def _until_done(batch: BatchJudge, round: int = 1, tries: int = 40) -> None:
     for _ in range(tries):
         batch.collect()
@@ -201,3 +205,89 @@ def test_no_key_in_records_or_uploaded_files(tmp_path):
         assert all(KEY.encode() not in f["_data"] for f in server.files.values())
     assert all(KEY not in store.read_bytes(f"{RECORDS}/{n}").decode() for n in store.list_files(RECORDS))
     assert KEY not in repr(batch)
+
+
+# ----- a campaign round waits for its batches like a round waits for people --------------------------------
+
+
+def _campaign(tmp_path, server, **batch):
+    from pipelines.config import parse_config
+
+    return parse_config({
+        "name": "batched", "store": str(tmp_path / "campaign"), "rounds": 1,
+        "games": [{"kind": "cyclic", "n": 5}],
+        "policy": {"kind": "tabular", "reference_spread": 0.0},  # uniform: the samples differ
+        "pairing": {"strategy": "all_pairs"},
+        "oracle": {"kind": "llm_judge", "model": "stub-judge", "base_url": server.base_url, "api_key_env": "NASHFLOW_TEST_BATCH_KEY",
+                   "prices": {"stub-judge": [1.0, 2.0]}, "mode": "batch", "batch": {"poll_interval_s": 0.2, **batch}},
+        "solver": {"algorithm": "inpo", "beta": 0.5},
+        "sampling": {"samples_per_prompt": 5},
+    })
+
+
+def _every_pair_once(config, batches_created: int, server) -> None:
+    from pipelines import stages
+    from pipelines.oracle_factory import oracle_spec
+    from pipelines.world import World
+
+    store = Store(config.store)
+    oracle_id = oracle_spec(config.oracle, config, World(config)).oracle_id
+    pairs = stages.pair_responses(store, round=1, policy_version="v0", strategy=config.pairing.strategy, skip_identical=config.pairing.skip_identical, seed=config.seed)
+    comps = _stored(store, oracle_id)
+    wanted = {comparison_id(p.prompt_id, p.a_id, p.b_id, oracle_id) for p in pairs}
+    assert wanted and wanted <= set(comps["comparison_id"]) and comps["comparison_id"].is_unique, "every pair judged (or abstained) once"
+    assert server.batches_created == batches_created
+    assert list(stages.rounds_table(store)["round"]) == [1]
+
+
+@pytest.mark.slow
+def test_a_round_polls_in_place_until_its_batches_are_done(tmp_path, prefect_harness, monkeypatch):
+    from pipelines import flows
+
+    monkeypatch.setenv("NASHFLOW_TEST_BATCH_KEY", KEY)
+    with StubServer(StubConfig(api_key=KEY, batch_delay_s=0.5, expire_batches=1)) as server:
+        config = _campaign(tmp_path, server)
+        metrics = flows.alignment_round(config, 1)
+        _every_pair_once(config, 2, server)  # the expired batch's unanswered half went into a second batch
+    assert metrics["batch/pending"] == 0 and metrics["pref/skipped"] == 0 and metrics["cost/usd"] > 0
+
+
+@pytest.mark.slow
+def test_a_round_suspends_and_the_collector_resumes_it_without_a_second_batch(tmp_path, prefect_harness, monkeypatch):
+    """Under a deployment the round suspends (its process ends) and the body runs again from the top
+    when the collector resumes it; here the suspension is the run ending where ``suspend_flow_run``
+    is called, and the resume is the same round run again."""
+    from pipelines import batch_judging, deployments, flows
+
+    class Suspended(Exception):
+        pass
+
+    def suspend(**kw):
+        raise Suspended(kw["key"])
+
+    resumed = []
+    monkeypatch.setenv("NASHFLOW_TEST_BATCH_KEY", KEY)
+    monkeypatch.setattr(batch_judging, "can_suspend", lambda: True)
+    monkeypatch.setattr(batch_judging, "suspend_flow_run", suspend)
+    monkeypatch.setattr(batch_judging, "resume_run", resumed.append)
+    with StubServer(StubConfig(api_key=KEY, batch_delay_s=1.0, expire_batches=1)) as server:
+        config = _campaign(tmp_path, server)
+        with pytest.raises(Suspended):
+            flows.alignment_round(config, 1)
+        store = Store(config.store)
+        assert batch_judging.waiting_rounds(store, folder=batch_judging.WAITING)
+        with pytest.raises(Suspended):  # resumed too early (or a Retry): it finds its batch and suspends again
+            flows.alignment_round(config, 1)
+        (marker,) = batch_judging.waiting_rounds(store, folder=batch_judging.WAITING)
+        keys = [b["metadata"]["nashflow_key"] for b in server.batches.values()]
+        assert len(set(keys)) == len(keys) and keys[0] in {r["key"] for r in _records(store)}, "one batch per record, none repeated"
+        for _ in range(50):  # the scheduled collector
+            out = batch_judging.collect_judge_batches(config)
+            if out["resumed_rounds"]:
+                break
+            time.sleep(0.2)
+        assert out["resumed_rounds"] == [1] and resumed == [marker["flow_run_id"]] and out["pending"] == 0
+        assert not batch_judging.waiting_rounds(store, folder=batch_judging.WAITING)
+        flows.alignment_round(config, 1)  # the resumed body: collects, submits nothing
+        _every_pair_once(config, 2, server)
+    assert callable(deployments.collect_annotations)
