@@ -68,6 +68,7 @@ RECORDS = "judge_batches"  # store folder: one JSON record per batch
 ENDPOINT = "/v1/chat/completions"
 TERMINAL = ("completed", "failed", "expired", "cancelled")
 ORDERS = ("ab", "ba")  # a shown first; b shown first
+_CLOCK_SKEW_S = 600  # the server's clock may differ from ours: look that much further back
 
 
 @dataclass(frozen=True)
@@ -224,7 +225,7 @@ class BatchJudge:
         docstring); the ids go into the record as soon as they are known."""
         name = f"nashflow-{record['key']}.jsonl"
         if record["file_id"] is None:
-            record["file_id"] = self._find_file(name)
+            record["file_id"] = self._find_file(name, since=record["created_at"])
         if record["file_id"] is None:
             lines = []
             for k in record["pairs"]:
@@ -236,7 +237,7 @@ class BatchJudge:
             record["file_id"] = self.client.files.create(file=(name, io.BytesIO(data), "application/jsonl"), purpose="batch").id
             self._save(record)
         if record["batch_id"] is None:
-            record["batch_id"] = self._find_batch(record["key"])
+            record["batch_id"] = self._find_batch(record["key"], since=record["created_at"])
         if record["batch_id"] is None:
             batch = self.client.batches.create(
                 input_file_id=record["file_id"], endpoint=ENDPOINT, completion_window=self.settings.completion_window,
@@ -257,14 +258,20 @@ class BatchJudge:
             for o in orders
         ]
 
-    def _find_file(self, name: str) -> str | None:
-        for f in self.client.files.list(purpose="batch"):
+    def _find_file(self, name: str, *, since: float) -> str | None:
+        """An upload of this record's file (newest first, none older than the record)."""
+        for f in self.client.files.list(purpose="batch", order="desc"):
+            if f.created_at < since - _CLOCK_SKEW_S:
+                return None
             if f.filename == name and f.status != "error":
                 return f.id
         return None
 
-    def _find_batch(self, key: str) -> str | None:
+    def _find_batch(self, key: str, *, since: float) -> str | None:
+        """A batch created for this record (newest first, none older than the record)."""
         for b in self.client.batches.list(limit=100):
+            if b.created_at < since - _CLOCK_SKEW_S:
+                return None
             if (b.metadata or {}).get("nashflow_key") == key and b.status not in ("failed", "cancelled", "cancelling"):
                 return b.id
         return None
@@ -330,6 +337,7 @@ class BatchJudge:
             got = self.online.judge(texts)
             self.store.write("comparisons", [j.row(self.oracle_id, record["round"]) for j in got if not j.skipped])
             record["online"] = len(got)
+            record["cost_usd"] += sum(j.cost_usd for j in got)  # at the online price: the budget counts it too
             record["given_up"] = [[j.pair.prompt_id, j.pair.a_id, j.pair.b_id] for j in got if j.skipped]
             return [j for j in got if not j.skipped]
         if record["generation"] >= s.max_resubmits:

@@ -294,7 +294,7 @@ class StubServer:
             return 200, self._upload(headers, body), {}
         if parts == ["files"] and method == "GET":
             purpose = dict(q.split("=", 1) for q in target.partition("?")[2].split("&") if "=" in q).get("purpose")
-            files = [_public(f) for f in self.files.values() if purpose in (None, f["purpose"])]
+            files = [_public(f) for f in reversed(self.files.values()) if purpose in (None, f["purpose"])]  # newest first
             return 200, {"object": "list", "data": files, "has_more": False}, {}
         if len(parts) == 3 and parts[0] == "files" and parts[2] == "content" and parts[1] in self.files:
             return 200, self.files[parts[1]]["_data"], {}

@@ -17,7 +17,7 @@ KEY = "sk-test-batch-judge-0123456789abcdef"
 PRICES = {"stub-judge": (1.0, 2.0)}
 
 
-def _store_with_pairs(tmp_path, n_prompts=3, k=3, *, faults: dict | None = None) -> tuple[Store, list[Pair]]:
+def _store_with_pairs(tmp_path, n_prompts=3, k=3, *, faults: dict | None = None, score=lambda i, slot: slot + 1 + i) -> tuple[Store, list[Pair]]:
     """A store holding prompts and round-1 responses whose texts carry the stub's ``score=``; every
     ordered pair of each prompt's responses. ``faults``: (prompt index, slot) → text appended."""
     store = Store(str(tmp_path / "store"))
@@ -29,7 +29,7 @@ def _store_with_pairs(tmp_path, n_prompts=3, k=3, *, faults: dict | None = None)
         group = []
         for slot in range(k):
             rid = response_id(pid, "v0", 1, slot)
-            body = f"answer {slot} score={slot + 1 + i}" + (faults or {}).get((i, slot), "")
+            body = f"answer {slot} score={score(i, slot)}" + (faults or {}).get((i, slot), "")
             responses.append({"response_id": rid, "round": 1, "policy_version": "v0", "prompt_id": pid, "text": body, "n_tokens": 3, "finish_reason": "stop", "token_ids": None})
             group.append((rid, body))
         pairs += [Pair(pid, text, *x, *y) for x in group for y in group if x != y]
@@ -88,6 +88,22 @@ def test_the_batch_judge_gives_the_online_probabilities_at_the_batch_price(tmp_p
         assert j.p_a == pytest.approx(rule_p_first(j.pair.a, j.pair.b), abs=1e-9), "both orders cancel the position bias"
         assert row["cost_usd"] == pytest.approx(j.cost_usd * 0.5), "the batch price is half the online one"
         assert json.loads(row["detail"])["orders"][0]["answers"][0]["source"] == "logprobs"
+
+
+def test_votes_give_the_online_probabilities_too(tmp_path):
+    """Without log-probs P comes from votes: 4 per order (``n``), a tie counting ½; the stub's votes are
+    exact for P a multiple of ¼, so online and batch agree exactly."""
+    store, pairs = _store_with_pairs(tmp_path, n_prompts=2, k=3, score=lambda i, slot: (1, 3, 1)[slot])
+    with StubServer(StubConfig(logprobs=False)) as server:
+        settings = dict(use_logprobs=False, votes=4, temperature=1.0)
+        online = _judge(server, **settings).judge(pairs)
+        batch = BatchJudge(_judge(server, **settings), store)
+        batch.submit(pairs, round=1)
+        _until_done(batch)
+    comps = _stored(store, batch.oracle_id).set_index("comparison_id")
+    for j in online:
+        row = comps.loc[comparison_id(j.pair.prompt_id, j.pair.a_id, j.pair.b_id, batch.oracle_id)]
+        assert row["p_a"] == pytest.approx(j.p_a) == pytest.approx(rule_p_first(j.pair.a, j.pair.b)) and row["n_votes"] == j.n_votes == 8
 
 
 def test_the_oracle_id_is_the_online_judges(tmp_path):
