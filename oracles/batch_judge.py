@@ -15,7 +15,7 @@ changes where and when the question is asked, not its answer. The batch price is
 
 **Nothing judged twice, nothing lost, no state outside the store.** A request's ``custom_id`` is
 ``<comparison_id>:<order>`` (ab, or ba for b shown first), so an answer maps back to its pair by its key.
-Every batch has a record in the store (``judge_batches/<key>.json``, written atomically), created before
+Every batch has a record in the store (``judge_batches/round-<r>/<key>.json``, written atomically), created before
 anything is uploaded; its key is a hash of the oracle, the round and the pairs' comparison ids (and of
 its parent batch when it is a resubmission), so a crashed or resumed round that submits the same pairs
 finds the same record and never creates a second batch:
@@ -64,7 +64,7 @@ from oracles.resume import pairs_from_keys, unjudged
 
 log = logging.getLogger(__name__)
 
-RECORDS = "judge_batches"  # store folder: one JSON record per batch
+RECORDS = "judge_batches"  # store folder: round-<r>/<key>.json, one record per batch; open/<key>.json until collected
 ENDPOINT = "/v1/chat/completions"
 TERMINAL = ("completed", "failed", "expired", "cancelled")
 ORDERS = ("ab", "ba")  # a shown first; b shown first
@@ -148,14 +148,16 @@ class BatchJudge:
         """Collect every finished batch: its answers into the store, its failed pairs resubmitted or asked
         online (``on_failure``). Returns the judgments stored now."""
         stored = []
-        for record in self.records():
-            if record["state"] == "submitted":
-                stored += self._collect(record)
+        for record in self._open_records():
+            if record["state"] == "new":  # its round died before sending it: send it now, texts from the store
+                self._send(record, pairs_by_key(pairs_from_keys(self.store, [tuple(k) for k in record["pairs"]], round=record["round"])))
+            stored += self._collect(record)
         return stored
 
     def pending(self, *, round: int | None = None) -> int:
         """Pairs in batches not collected yet (of ``round``, or of every round)."""
-        return sum(len(r["pairs"]) for r in self.records(round=round) if r["state"] != "collected")
+        records = self.records(round=round) if round is not None else self._open_records()
+        return sum(len(r["pairs"]) for r in records if r["state"] != "collected")
 
     def status(self, *, round: int) -> dict:
         """The round's batches at a glance: pairs pending, batches by state, pairs given up, cost held."""
@@ -172,27 +174,41 @@ class BatchJudge:
         }
 
     # ----- records ---------------------------------------------------------------------------------
-    def records(self, *, round: int | None = None) -> list[dict]:
+    def records(self, *, round: int) -> list[dict]:
+        """The round's batch records (this oracle's), oldest generation first."""
+        folder = f"{RECORDS}/round-{round}"
+        out = [json.loads(self.store.read_bytes(f"{folder}/{n}")) for n in self.store.list_files(folder) if n.endswith(".json")]
+        return sorted((r for r in out if r["oracle_id"] == self.oracle_id), key=lambda r: (r["generation"], r["key"]))
+
+    def _open_records(self) -> list[dict]:
+        """The records not collected yet, of every round: read through their small open markers, so
+        collecting does not reread a long campaign's finished batches."""
         out = []
-        for name in self.store.list_files(RECORDS):
-            if not name.endswith(".json"):
+        for name in self.store.list_files(f"{RECORDS}/open"):
+            marker = json.loads(self.store.read_bytes(f"{RECORDS}/open/{name}"))
+            path = _record_path(marker["round"], marker["key"])
+            if not self.store.exists(path):  # killed between the marker and its record: nothing was sent
+                self.store.delete(f"{RECORDS}/open/{name}")
                 continue
-            r = json.loads(self.store.read_bytes(f"{RECORDS}/{name}"))
-            if r["oracle_id"] == self.oracle_id and (round is None or r["round"] == round):
-                out.append(r)
+            record = json.loads(self.store.read_bytes(path))
+            if record["oracle_id"] == self.oracle_id:
+                out.append(record)
         return sorted(out, key=lambda r: (r["round"], r["generation"], r["key"]))
 
     def _save(self, record: dict) -> None:
-        self.store.write_bytes(f"{RECORDS}/{record['key']}.json", json.dumps(record, sort_keys=True, indent=1).encode())
+        self.store.write_bytes(_record_path(record["round"], record["key"]), json.dumps(record, sort_keys=True, indent=1).encode())
+        if record["state"] == "collected":
+            self.store.delete(f"{RECORDS}/open/{record['key']}.json")
 
     def _record(self, pairs: list[Pair], *, round: int, parent: dict | None = None) -> dict:
         """The record of a batch of ``pairs`` (found again when it exists: its key names its pairs)."""
         keys = [[p.prompt_id, p.a_id, p.b_id] for p in pairs]
         cids = sorted(comparison_id(*k, self.oracle_id) for k in keys)
         key = "b-" + stable_hash(self.oracle_id, round, parent["key"] if parent else "", *cids)
-        path = f"{RECORDS}/{key}.json"
+        path = _record_path(round, key)
         if self.store.exists(path):
             return json.loads(self.store.read_bytes(path))
+        self.store.write_bytes(f"{RECORDS}/open/{key}.json", json.dumps({"round": round, "key": key}).encode())  # before the record: never an open record without one
         record = {
             "key": key,
             "oracle_id": self.oracle_id,
@@ -358,6 +374,10 @@ class BatchJudge:
 
 def pairs_by_key(pairs: list[Pair]) -> dict[tuple, Pair]:
     return {(p.prompt_id, p.a_id, p.b_id): p for p in pairs}
+
+
+def _record_path(round: int, key: str) -> str:
+    return f"{RECORDS}/round-{round}/{key}.json"
 
 
 def _held_usd(record: dict) -> float:

@@ -47,8 +47,9 @@ def _stored(store: Store, oracle_id: str):
     return comps[comps["oracle_id"] == oracle_id]
 
 
-def _records(store: Store) -> list[dict]:
-    return [json.loads(store.read_bytes(f"{RECORDS}/{n}")) for n in store.list_files(RECORDS) if n.endswith(".json")]
+def _records(store: Store, round: int = 1) -> list[dict]:
+    folder = f"{RECORDS}/round-{round}"
+    return [json.loads(store.read_bytes(f"{folder}/{n}")) for n in store.list_files(folder) if n.endswith(".json")]
 
 
 def _until_done(batch: BatchJudge, round: int = 1, tries: int = 40) -> None:
@@ -131,6 +132,7 @@ def test_failed_and_expired_requests_are_resubmitted_and_nothing_is_lost_or_judg
     abstained = comps[comps["p_a"].isna()]
     assert len(abstained) and abstained["error"].str.startswith("abstained: ").all(), "an unreadable answer is an abstention"
     assert batch.status(round=1)["batch/given_up"] == 0
+    assert not store.list_files(f"{RECORDS}/open"), "no open marker left once everything is collected"
 
 
 def test_failed_requests_can_go_to_the_online_judge(tmp_path):
@@ -194,6 +196,19 @@ def test_killed_between_upload_create_and_collect_loses_and_duplicates_nothing(t
     assert len(comps) == len(pairs) == comps["comparison_id"].nunique()
 
 
+def test_the_collector_sends_a_batch_whose_round_died_before_sending_it(tmp_path):
+    store, pairs = _store_with_pairs(tmp_path, n_prompts=1)
+    with StubServer(StubConfig()) as server:
+        first = BatchJudge(_judge(server), store)
+        first.client.files.create = lambda **kw: (_ for _ in ()).throw(Killed())
+        with pytest.raises(Killed):
+            first.submit(pairs, round=1)
+        assert not server.files and BatchJudge(_judge(server), store).pending(round=1) == len(pairs)
+        _until_done(BatchJudge(_judge(server), store))  # the collector alone, no round running
+        assert server.batches_created == 1
+    assert len(_stored(store, first.oracle_id)) == len(pairs)
+
+
 def test_the_budget_is_checked_at_batch_prices_before_submitting(tmp_path):
     store, pairs = _store_with_pairs(tmp_path)
     with StubServer(StubConfig()) as server:
@@ -219,7 +234,7 @@ def test_no_key_in_records_or_uploaded_files(tmp_path):
         batch.submit(pairs, round=1)
         _until_done(batch)
         assert all(KEY.encode() not in f["_data"] for f in server.files.values())
-    assert all(KEY not in store.read_bytes(f"{RECORDS}/{n}").decode() for n in store.list_files(RECORDS))
+    assert _records(store) and all(KEY not in json.dumps(r) for r in _records(store))
     assert KEY not in repr(batch)
 
 

@@ -607,7 +607,7 @@ def test_a_round_suspended_for_its_judge_batches_is_resumed_by_collect_annotatio
         keys = [b["metadata"]["nashflow_key"] for b in stub.batches.values()]
     assert len(keys) == len(set(keys)) == 2, "the expired batch's rest in one more batch, no batch twice"
     store = tmp_path / "store"
-    records = [json.loads(f.read_text()) for f in (store / "judge_batches").glob("*.json")]
+    records = [json.loads(f.read_text()) for f in (store / "judge_batches").glob("round-1/*.json")]
     asked = {tuple(k) for r in records if r["generation"] == 0 for k in r["pairs"]}
     comparisons = _stored_rows(store, "comparisons")
     assert asked and len(comparisons) == len(set(comparisons)) == len(asked), "every pair of the round stored once"
