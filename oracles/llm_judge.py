@@ -229,7 +229,7 @@ class LLMJudge:
 
 # ----- one batch ----------------------------------------------------------------------------------
 @dataclass
-class _Order:
+class OrderAnswers:
     """One order of one pair: the question "A = first, B = second" and its answers."""
 
     swapped: bool
@@ -251,7 +251,7 @@ class _Order:
 class _PairState:
     index: int
     pair: Pair
-    orders: list[_Order]
+    orders: list[OrderAnswers]
     admitted: bool | str | None = None  # None: not yet asked; "waiting": for reservations to settle
     reserved_usd: float = 0.0
     t0: float | None = None
@@ -261,7 +261,7 @@ class _PairState:
 @dataclass
 class _Job:
     state: _PairState
-    order: _Order
+    order: OrderAnswers
     n: int  # answers asked for in this request
     attempt: int = 0
 
@@ -271,7 +271,7 @@ class _Batch:
         self.judge = judge
         self.cfg = cfg = judge.config
         self.states = [
-            _PairState(i, p, [_Order(False)] + ([_Order(True)] if cfg.both_orders else [])) for i, p in enumerate(pairs)
+            _PairState(i, p, [OrderAnswers(False)] + ([OrderAnswers(True)] if cfg.both_orders else [])) for i, p in enumerate(pairs)
         ]
         self.open_orders = sum(len(s.orders) for s in self.states)
         self.results: list[Judgment | None] = [None] * len(pairs)
@@ -345,16 +345,8 @@ class _Batch:
             return
         if s.admitted is not True or o.done:
             return
-        first, second = (s.pair.b, s.pair.a) if o.swapped else (s.pair.a, s.pair.b)
-        messages = self.judge.template.messages(s.pair.prompt, first, second)
-        body = {"model": cfg.model, "messages": messages, "max_tokens": cfg.max_tokens, "temperature": cfg.temperature}
-        if job.n > 1:
-            body["n"] = job.n
-        if cfg.use_logprobs:
-            body["logprobs"] = True
-            body["top_logprobs"] = cfg.top_logprobs
-        if cfg.seed is not None:
-            body["seed"] = cfg.seed
+        body = request_body(cfg, self.judge.template, s.pair, swapped=o.swapped, n=job.n)
+        messages = body["messages"]
         est_tokens = _prompt_bytes(messages) + job.n * cfg.max_tokens if self.tpm else 0  # only a tokens/minute limit needs it
         wait = max(self.rpm.reserve(1) if self.rpm else 0.0, self.tpm.reserve(est_tokens) if self.tpm else 0.0)
         if wait > 0:
@@ -382,7 +374,7 @@ class _Batch:
         if self.tpm and usage:
             self.tpm.adjust(prompt_tokens + completion_tokens - est_tokens)
         for ch in choices[: job.n]:
-            o.answers.append(_read_answer(ch, cfg.use_logprobs))
+            o.answers.append(read_answer(ch, cfg.use_logprobs))
         more = o.needs_more(cfg.votes)
         if more and o.requests < cfg.votes + cfg.max_retries + 1:
             self.queue.put_nowait(_Job(s, o, more))
@@ -414,7 +406,7 @@ class _Batch:
     def _requeue(self, job: _Job) -> None:
         self.queue.put_nowait(job)
 
-    def _close(self, s: _PairState, o: _Order, error: str | None) -> None:
+    def _close(self, s: _PairState, o: OrderAnswers, error: str | None) -> None:
         if o.done:
             return
         o.done, o.error = True, error
@@ -438,16 +430,46 @@ class _Batch:
                 self._close(s, o, f"{NOT_JUDGED}batch stopped: {type(error).__name__}")
 
     def _worst_case_usd(self, pair: Pair) -> float:
-        """An upper bound on what the pair can cost: every prompt byte a token (tokenizers merge bytes,
-        chat markup adds a few), every vote its own request, every answer ``max_tokens`` long."""
-        cfg = self.cfg
-        messages = self.judge.template.messages(pair.prompt, pair.a, pair.b, tag="0" * 16)
-        prompt = _prompt_bytes(messages) + 64
-        per_order = cfg.votes * (prompt * cfg.price[0] + cfg.max_tokens * cfg.price[1])
-        return per_order * (2 if cfg.both_orders else 1)
+        return worst_case_usd(self.cfg, self.judge.template, pair)
 
     def _finish(self, s: _PairState) -> Judgment:
-        return _judgment(s, self.cfg)
+        latency = (s.t1 - s.t0) if s.t0 is not None else 0.0
+        return pair_judgment(s.pair, s.orders, self.cfg, latency_s=latency)
+
+
+def request_body(cfg: LLMJudgeConfig, template, pair: Pair, *, swapped: bool, n: int) -> dict:
+    """The chat-completions body asking about one order of ``pair`` (``swapped``: b shown first), with a
+    fresh fence tag; the online judge posts it, the batch judge writes it into its JSONL file."""
+    first, second = (pair.b, pair.a) if swapped else (pair.a, pair.b)
+    messages = template.messages(pair.prompt, first, second)
+    body = {"model": cfg.model, "messages": messages, "max_tokens": cfg.max_tokens, "temperature": cfg.temperature}
+    if n > 1:
+        body["n"] = n
+    if cfg.use_logprobs:
+        body["logprobs"] = True
+        body["top_logprobs"] = cfg.top_logprobs
+    if cfg.seed is not None:
+        body["seed"] = cfg.seed
+    return body
+
+
+def worst_case_usd(cfg: LLMJudgeConfig, template, pair: Pair) -> float:
+    """An upper bound on what the pair can cost at ``cfg``'s prices: every prompt byte a token
+    (tokenizers merge bytes, chat markup adds a few), every vote its own request, every answer
+    ``max_tokens`` long."""
+    messages = template.messages(pair.prompt, pair.a, pair.b, tag="0" * 16)
+    prompt = _prompt_bytes(messages) + 64
+    per_order = cfg.votes * (prompt * cfg.price[0] + cfg.max_tokens * cfg.price[1])
+    return per_order * (2 if cfg.both_orders else 1)
+
+
+def read_choices(reply: dict, order: OrderAnswers, votes: int, use_logprobs: bool) -> None:
+    """Add one chat-completion reply's answers and token usage to ``order``."""
+    usage = reply.get("usage") or {}
+    order.prompt_tokens += int(usage.get("prompt_tokens") or 0)
+    order.completion_tokens += int(usage.get("completion_tokens") or 0)
+    for ch in (reply.get("choices") or [])[:votes]:
+        order.answers.append(read_answer(ch, use_logprobs))
 
 
 @functools.cache
@@ -464,7 +486,7 @@ def _prompt_bytes(messages: list[dict]) -> int:
     return sum(len(m["content"].encode()) + 8 for m in messages)
 
 
-def _read_answer(choice: dict, use_logprobs: bool) -> dict:
+def read_answer(choice: dict, use_logprobs: bool) -> dict:
     """One choice of a reply: its raw text, the verdict for the first slot, and P(first) when log-probs
     give it."""
     message = choice.get("message") or {}
@@ -515,15 +537,16 @@ def _api_message(e: openai.APIStatusError) -> str:
     return str(body)[:160] if body else ""
 
 
-def _judgment(s: _PairState, cfg: LLMJudgeConfig) -> Judgment:
-    """The pair's judgment from its orders (see the module docstring for the rules)."""
+def pair_judgment(pair: Pair, pair_orders: list[OrderAnswers], cfg: LLMJudgeConfig, *, latency_s: float = 0.0) -> Judgment:
+    """The pair's judgment from its orders (see the module docstring for the rules). The batch judge
+    (oracles/batch_judge.py) reads its answers into the same ``OrderAnswers`` and calls this too."""
     price_p, price_c = cfg.price
-    prompt_tokens = sum(o.prompt_tokens for o in s.orders)
-    completion_tokens = sum(o.completion_tokens for o in s.orders)
+    prompt_tokens = sum(o.prompt_tokens for o in pair_orders)
+    completion_tokens = sum(o.completion_tokens for o in pair_orders)
     cost = prompt_tokens * price_p + completion_tokens * price_c
-    latency = (s.t1 - s.t0) if s.t0 is not None else 0.0
+    latency = latency_s
     orders, p_original, reasons, failures = [], [], [], []
-    for o in s.orders:
+    for o in pair_orders:
         name = "ba" if o.swapped else "ab"
         usable = [a for a in o.answers if a["verdict"] is not None]
         p_first = _mean(a["p_first"] for a in usable) if usable else None
@@ -544,14 +567,14 @@ def _judgment(s: _PairState, cfg: LLMJudgeConfig) -> Judgment:
         else:
             p_original.append(1.0 - p_first if o.swapped else p_first)
     detail = {"orders": orders, "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
-    n_votes = sum(1 for o in s.orders for a in o.answers if a["verdict"] is not None)
+    n_votes = sum(1 for o in pair_orders for a in o.answers if a["verdict"] is not None)
     if failures:
         error = NOT_JUDGED + "; ".join(failures)
-        return Judgment(s.pair, None, n_votes=0, latency_s=latency, cost_usd=cost, error=error, detail=detail, skipped=True)
+        return Judgment(pair, None, n_votes=0, latency_s=latency, cost_usd=cost, error=error, detail=detail, skipped=True)
     if reasons:
-        return Judgment(s.pair, None, n_votes=0, latency_s=latency, cost_usd=cost, error="abstained: " + "; ".join(reasons), detail=detail)
+        return Judgment(pair, None, n_votes=0, latency_s=latency, cost_usd=cost, error="abstained: " + "; ".join(reasons), detail=detail)
     p_a = min(1.0, max(0.0, _mean(p_original)))
-    return Judgment(s.pair, p_a, n_votes=n_votes, latency_s=latency, cost_usd=cost, detail=detail)
+    return Judgment(pair, p_a, n_votes=n_votes, latency_s=latency, cost_usd=cost, detail=detail)
 
 
 # ----- diagnostics --------------------------------------------------------------------------------

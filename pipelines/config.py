@@ -104,6 +104,22 @@ class TextWorldOracleConfig(Strict):
     seed: int = 0
 
 
+class BatchJudgeSettings(Strict):
+    """How an LLM judge in ``mode: batch`` submits through the Batch API and how its round waits
+    (oracles/batch_judge.py, pipelines/batch_judging.py). None of it changes answers (nor the oracle id)."""
+
+    discount: float = Field(0.5, gt=0.0, le=1.0, description="batch price = the online `prices` × this (OpenAI: 0.5); what cost_usd and budget_usd count")
+    on_failure: Literal["resubmit", "online"] = Field(
+        "resubmit", description="requests that failed or expired: into a new batch (cheap, another wait), or to the online judge at once (full price)"
+    )
+    max_resubmits: int = Field(2, ge=0, description="new batches per failed pair before it is given up (reported, not stored)")
+    poll_interval_s: float = Field(60.0, gt=0, description="how often a round waiting in place asks whether its batches are done")
+    wait_timeout_s: float = Field(
+        26 * 3600.0, gt=0, description="a round run in place (not from a deployment) gives up waiting after this (the batches keep running; rerun the round to collect)"
+    )
+    suspend_timeout_s: float = Field(3 * 24 * 3600.0, gt=0, description="a deployment's round suspended for its batches fails after this")
+
+
 class LLMJudgeOracleConfig(Strict):
     """An OpenAI-compatible chat model asked which response is better (oracles/llm_judge.py). The key is
     named, never written here: a Prefect Secret block and/or an environment variable of the worker."""
@@ -124,7 +140,11 @@ class LLMJudgeOracleConfig(Strict):
     timeout_s: float = Field(60.0, gt=0, description="per request")
     max_retries: int = Field(4, ge=0, description="retries on 429, 5xx, timeouts and dropped connections")
     prices: dict[str, tuple[float, float]] = Field(default_factory=dict, description="model → USD per 1M (prompt, completion) tokens")
-    budget_usd: float | None = Field(None, gt=0, description="spend cap per judge stage; pairs past it are left for a later run")
+    budget_usd: float | None = Field(None, gt=0, description="spend cap per judge stage (batch: per round, at batch prices); pairs past it are left for a later run")
+    mode: Literal["online", "batch"] = Field(
+        "online", description="online: ask now, many requests in flight; batch: through the Batch API at the batch price, the round waits (suspended under a deployment) until the batches are done"
+    )
+    batch: BatchJudgeSettings = Field(BatchJudgeSettings(), description="mode: batch: prices, failures and waiting")
 
 
 class HumansConfig(Strict):
@@ -234,6 +254,8 @@ class CascadeOracleConfig(Strict):
     def _people_settings(self):
         if self.people_pairs is not None and not self.people:
             raise ValueError("people_pairs is a budget for people, but people is false")
+        if getattr(self.judge, "mode", "online") == "batch":
+            raise ValueError("judge.mode: a cascade asks its judge pair by pair and cannot wait for a batch; use mode: online")
         return self
 
 

@@ -91,17 +91,31 @@ def _collect_name() -> str:
 
 @flow(name="collect-annotations", flow_run_name=_collect_name)
 def collect_annotations(config_path: str, store: str | None = None, overrides: dict | None = None) -> dict:
-    """Pull finished human judgments of the campaign in ``config_path`` into its store and resume the
-    rounds waiting for them (pipelines/human.py). Scheduled every few minutes."""
-    from pipelines import human
+    """Pull finished human judgments (pipelines/human.py) and finished batches of an LLM judge in
+    ``mode: batch`` (pipelines/batch_judging.py) of the campaign in ``config_path`` into its store, and
+    resume the rounds waiting for them. Scheduled every few minutes."""
+    from pipelines import batch_judging, human
+    from pipelines.oracle_factory import oracle_is_queued
 
     config = _config_or_explain(config_path, store=store, overrides=overrides)
-    if config.humans is None:
-        raise ConfigError(f"{config_path}: humans: this campaign has no Label Studio section, so there is nothing to collect. What to do: point config_path at a campaign with `humans:`, or pause this schedule.")
+    batches = oracle_is_queued(config)
+    if config.humans is None and not batches:
+        raise ConfigError(
+            f"{config_path}: humans: this campaign has no Label Studio section and no batch judge (oracle.mode: batch), so there is nothing to collect. "
+            "What to do: point config_path at a campaign with `humans:` or a batch judge, or pause this schedule."
+        )
+    out = {}
     try:
-        return human.collect_annotations.fn(config)
+        if batches:
+            out["batches"] = batch_judging.collect_judge_batches.fn(config)
+        if config.humans is not None:
+            out |= human.collect_annotations.fn(config)
     except Exception as e:
-        raise RuntimeError(secrets.redact(f"collecting annotations for {config.name} failed: {type(e).__name__}: {e}\nWhat to do: check the Label Studio server and token named in {config_path}; the next scheduled run tries again.")) from e
+        raise RuntimeError(secrets.redact(
+            f"collecting for {config.name} failed: {type(e).__name__}: {e}\nWhat to do: check the Label Studio server and the judge API named in "
+            f"{config_path} (and their keys); the next scheduled run tries again."
+        )) from e
+    return out
 
 
 def _config_or_explain(config_path: str, **kw) -> CampaignConfig:

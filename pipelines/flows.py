@@ -14,15 +14,11 @@ from prefect.cache_policies import NO_CACHE
 
 from data import Store
 from data.rounds import rounds_table
-from pipelines import artifacts, human, secrets, stages
+from pipelines import artifacts, batch_judging, human, secrets, stages
 from pipelines.config import CampaignConfig
 from pipelines.evaluation import save_campaign_config
 from pipelines.gpu import gpu_slot, policy_runs_model
-from pipelines.oracle_factory import (
-    build_oracle,
-    campaign_oracle_ids,
-    oracle_runs_model,
-)
+from pipelines.oracle_factory import build_oracle, campaign_oracle_ids, oracle_is_queued, oracle_runs_model
 from pipelines.progress import reporter
 from pipelines.retrying import worth_retrying
 from pipelines.versions import load_policy, version, work_dir
@@ -157,7 +153,12 @@ def alignment_round(config: CampaignConfig, round: int) -> dict:
         reporter().stage(round, f"{prefix}judge")
         to_people, to_machine = human.split_for_people(pairs, config)
         with watch("judge"):
-            judged = judge_task(config, round, phase, to_machine) if to_machine else {}
+            if not to_machine:
+                judged = {}
+            elif oracle_is_queued(config):  # an LLM judge through the Batch API: submit, then wait like for people
+                judged = batch_judging.await_judge_batches(config, round, phase, to_machine)
+            else:
+                judged = judge_task(config, round, phase, to_machine)
         if to_people:
             with watch("people"):
                 judged |= human.await_people(config, round, to_people)

@@ -25,7 +25,7 @@ from prefect.runtime import deployment, flow_run
 from data import Store
 from data.keys import stable_hash
 from oracles.protocol import Pair
-from oracles.resume import unjudged
+from oracles.resume import pairs_from_keys, unjudged
 from pipelines.config import CampaignConfig
 from pipelines.oracle_factory import people_oracle
 from pipelines.retrying import worth_retrying
@@ -92,17 +92,18 @@ def wait_in_place(store: Store, config: CampaignConfig, pairs: list, status: dic
         status = collect_status(store, people, pairs, round=round)
 
 
-def mark_waiting(store: Store, round: int, flow_run_id: str) -> None:
-    store.write_bytes(f"{WAITING}/round-{round}.json", json.dumps({"round": round, "flow_run_id": flow_run_id}).encode())
+def mark_waiting(store: Store, round: int, flow_run_id: str, *, folder: str = WAITING) -> None:
+    """A suspended round's marker (``folder``: people's, or pipelines/batch_judging.py's for batches)."""
+    store.write_bytes(f"{folder}/round-{round}.json", json.dumps({"round": round, "flow_run_id": flow_run_id}).encode())
 
 
-def waiting_rounds(store: Store) -> list[dict]:
-    names = [n for n in store.list_files(WAITING) if n.startswith("round-") and n.endswith(".json")]
-    return sorted((json.loads(store.read_bytes(f"{WAITING}/{n}")) for n in names), key=lambda m: m["round"])
+def waiting_rounds(store: Store, *, folder: str = WAITING) -> list[dict]:
+    names = [n for n in store.list_files(folder) if n.startswith("round-") and n.endswith(".json")]
+    return sorted((json.loads(store.read_bytes(f"{folder}/{n}")) for n in names), key=lambda m: m["round"])
 
 
-def clear_waiting(store: Store, round: int) -> None:
-    store.delete(f"{WAITING}/round-{round}.json")
+def clear_waiting(store: Store, round: int, *, folder: str = WAITING) -> None:
+    store.delete(f"{folder}/round-{round}.json")
 
 
 # ----- Prefect: waiting for people, and the scheduled collection -----------------------------------------
@@ -135,8 +136,6 @@ def await_people(config: CampaignConfig, round: int, pairs: list[tuple[str, str,
 )
 def submit_to_people_task(config: CampaignConfig, round: int, pairs: list) -> dict:
     """``pairs``: the pairing stage's keys; the texts people see come from the store."""
-    from pipelines.stages import pairs_from_keys
-
     store = Store(config.store)
     return submit_and_collect(store, people_oracle(config), pairs_from_keys(store, pairs, round=round), round=round)
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from data import Store
 from oracles.learned import LearnedOracle
 from oracles.matrix import MatrixOracle
 from oracles.text_world import TextWorldOracle
@@ -33,6 +34,7 @@ class OracleSpec:
     oracle_id: str
     build: Callable[[], Any]
     runs_model: bool = False  # a torch model in this process (it holds the GPU slot while it judges)
+    queued: bool = False  # submit / collect / pending (a batch judge): the round waits for it as for people
 
 
 def oracle_spec(cfg, config: CampaignConfig, world: World) -> OracleSpec:
@@ -71,6 +73,12 @@ def oracle_runs_model(config: CampaignConfig) -> bool:
     return config.oracle is not None and oracle_spec(config.oracle, config, World(config)).runs_model
 
 
+def oracle_is_queued(config: CampaignConfig) -> bool:
+    """Whether the campaign's oracle is a queued one (an LLM judge in ``mode: batch``): the judge stage
+    submits and the round waits (pipelines/batch_judging.py)."""
+    return config.oracle is not None and oracle_spec(config.oracle, config, World(config)).queued
+
+
 def people_oracle(config: CampaignConfig):
     """The campaign's Label Studio oracle; URL and token are read where it runs, never stored."""
     return people_spec(config).build()
@@ -95,12 +103,19 @@ def _text_world(cfg, config: CampaignConfig, world: World) -> OracleSpec:
 def _llm_judge(cfg, config: CampaignConfig, world: World) -> OracleSpec:
     from oracles.llm_judge import LLMJudge, LLMJudgeConfig  # httpx and the judge's templates: only when used
 
-    settings = cfg.model_dump(exclude={"kind", "api_key_secret", "api_key_env"})
+    settings = cfg.model_dump(exclude={"kind", "api_key_secret", "api_key_env", "mode", "batch"})
 
     def judge(api_key: str | None) -> LLMJudge:
         return LLMJudge(LLMJudgeConfig(**settings, api_key=api_key))
 
-    return OracleSpec(judge(None).oracle_id, lambda: judge(resolve(cfg.api_key_secret, cfg.api_key_env)))
+    oracle_id = judge(None).oracle_id  # the same in both modes: the mode changes where and when, not the answer
+    if cfg.mode == "batch":
+        from oracles.batch_judge import BatchJudge, BatchSettings
+
+        b = cfg.batch
+        batch = BatchSettings(discount=b.discount, on_failure=b.on_failure, max_resubmits=b.max_resubmits)
+        return OracleSpec(oracle_id, lambda: BatchJudge(judge(resolve(cfg.api_key_secret, cfg.api_key_env)), Store(config.store), batch), queued=True)
+    return OracleSpec(oracle_id, lambda: judge(resolve(cfg.api_key_secret, cfg.api_key_env)))
 
 
 class _Fingerprint:

@@ -15,7 +15,7 @@ from data import Store, comparison_id, prompt_id, response_id
 from data.diagnostics import intransitivity, judgment_counts
 from data.keys import stable_hash
 from oracles.protocol import Pair
-from oracles.resume import unjudged
+from oracles.resume import pairs_from_keys, unjudged  # noqa: F401 (pairs_from_keys: the stages' and people's too)
 from pipelines.config import CampaignConfig
 from pipelines.oracle_factory import build_oracle, campaign_oracle_ids, oracle_runs_model
 from pipelines.versions import checkpoint_dir, has_checkpoint, load_policy, mixture_version, save_checkpoint, stored_update_metrics, version, with_update_metrics
@@ -118,20 +118,6 @@ def _ordered(rng: np.random.Generator, strategy: str, skip_identical: bool, pid:
 def pair_keys(pairs: list[Pair]) -> list[tuple[str, str, str]]:
     """What a pairing stage hands on: each pair's (prompt_id, a_id, b_id); the texts stay in the store."""
     return [(p.prompt_id, p.a_id, p.b_id) for p in pairs]
-
-
-def pairs_from_keys(store: Store, keys: list[tuple[str, str, str]], *, round: int) -> list[Pair]:
-    """The pairs of ``pair_keys``, in order, with their texts read back from the store (the round's responses)."""
-    if not keys:
-        return []
-    stored = store.read("responses", rounds=[round], columns=["response_id", "text"])
-    texts = dict(zip(stored["response_id"], stored["text"]))
-    prompts = store.read("prompts", columns=["prompt_id", "prompt"])
-    prompts = dict(zip(prompts["prompt_id"], prompts["prompt"]))
-    missing = sorted({r for _, a, b in keys for r in (a, b)} - texts.keys())
-    if missing:
-        raise ValueError(f"round {round}: {len(missing)} paired responses are not in the store {store} (first {missing[0]}); run the round again from its sample stage")
-    return [Pair(pid, prompts[pid], a, texts[a], b, texts[b]) for pid, a, b in keys]
 
 
 def judge_pairs(store: Store, oracle, pairs: list[Pair], *, round: int, chunk_size: int = 2048, on_chunk=None) -> dict:

@@ -23,6 +23,14 @@ first slot by ``position_bias``. So a debiased judge recovers s_a / (s_a + s_b) 
   values it saw (``auth_headers``) so a test can check that the key was sent, and the names of the
   headers sent (``header_names``); ``log`` lists the requests.
 
+- The Files and Batches endpoints of the Batch API (``POST /v1/files`` multipart, ``GET /v1/files``,
+  ``GET /v1/files/{id}/content``, ``POST /v1/batches``, ``GET /v1/batches[/{id}]``): a batch stays
+  ``in_progress`` for ``batch_delay_s`` and then completes, each of its lines answered by the same rule
+  as ``/v1/chat/completions`` (faults included: a faulty line goes to the error file with its status);
+  the first ``expire_batches`` batches expire instead, answering only the first half of their lines (the
+  rest go to the error file as ``batch_expired``). ``batches``, ``files`` and ``batches_created`` let a
+  test count what was created.
+
 A plain asyncio HTTP/1.1 server (keep-alive, Content-Length bodies) rather than a web framework: it costs
 little CPU, so a throughput benchmark measures the client, and it can misbehave at the socket level.
 Run it in a thread (``with StubServer(...) as s: s.base_url``) or as a process
@@ -33,11 +41,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import email.parser
+import email.policy
 import json
 import math
 import re
 import sys
 import threading
+import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
@@ -68,6 +79,8 @@ class StubConfig:
     slow_s: float = 2.0  # how long a "slow" fault waits
     max_choices: int | None = None  # cap on choices per reply (a server that ignores n>1 uses 1)
     api_key: str | None = None  # when set, other keys get a 401
+    batch_delay_s: float = 0.0  # a batch completes this long after it was created
+    expire_batches: int = 0  # the first this many batches expire with half of their lines answered
 
 
 @dataclass
@@ -90,6 +103,9 @@ class StubServer:
         self._thread: threading.Thread | None = None
         self._server: asyncio.AbstractServer | None = None
         self._conns: set[asyncio.Task] = set()
+        self.files: dict[str, dict] = {}  # id → file object, with its bytes under "_data"
+        self.batches: dict[str, dict] = {}  # id → batch object
+        self.batches_created = 0
 
     @property
     def base_url(self) -> str:
@@ -166,8 +182,10 @@ class StubServer:
                 if status == 0:  # drop the connection without a reply
                     writer.transport.abort()
                     return
-                data = json.dumps(payload).encode()
-                head = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}", "content-type: application/json",
+                raw = isinstance(payload, bytes)  # a file's content
+                data = payload if raw else json.dumps(payload).encode()
+                kind = "application/octet-stream" if raw else "application/json"
+                head = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}", f"content-type: {kind}",
                         f"content-length: {len(data)}"]
                 head += [f"{k}: {v}" for k, v in extra.items()]
                 writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + data)
@@ -187,7 +205,8 @@ class StubServer:
         path = target.split("?", 1)[0]
         if method == "GET" and path.endswith("/health"):
             return 200, {"ok": True}, {}
-        if method != "POST" or not path.endswith("/chat/completions"):
+        batch_api = "/files" in path or "/batches" in path
+        if not batch_api and (method != "POST" or not path.endswith("/chat/completions")):
             return 404, {"error": {"message": f"no route {method} {path}", "type": "not_found"}}, {}
         auth = headers.get("authorization", "")
         self.auth_headers.add(auth)
@@ -196,9 +215,15 @@ class StubServer:
             # like the real API, the message quotes the key it got: a test checks that it goes no further
             return 401, {"error": {"message": f"Incorrect API key provided: {auth.removeprefix('Bearer ')}",
                                    "type": "invalid_request_error"}}, {}
+        if batch_api:
+            return await self._batch_api(method, path, target, headers, body)
         req = json.loads(body)
         if self.keep_bodies:
             self.bodies.append(req)
+        return await self._chat(req)
+
+    async def _chat(self, req: dict) -> tuple[int, dict, dict]:
+        """One chat completion by the stub's rule (its status, body and extra headers)."""
         prompt = "\n".join(m["content"] for m in req["messages"] if isinstance(m.get("content"), str))
         blocks = {name: text for name, _tag, text in FENCE.findall(prompt)}
         first, second = blocks.get("A", ""), blocks.get("B", "")
@@ -218,10 +243,11 @@ class StubServer:
         self.log.append((fault or "ok", first[:40]))
         if fault == "drop":
             return 0, {}, {}
+        latency_s = 0.0 if req.get("_in_batch") else self.config.latency_s
         if fault == "slow":
             await asyncio.sleep(self.config.slow_s)
-        elif self.config.latency_s:
-            await asyncio.sleep(self.config.latency_s)
+        elif latency_s:
+            await asyncio.sleep(latency_s)
         if fault == "429":
             return 429, {"error": {"message": "Rate limit reached", "type": "rate_limit"}}, {"retry-after": self.config.retry_after}
         if fault in ("500", "503"):
@@ -259,6 +285,92 @@ class StubServer:
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens},
         }, {}
+
+
+    # ----- the Batch API: files and batches ---------------------------------------------------------
+    async def _batch_api(self, method: str, path: str, target: str, headers: dict, body: bytes) -> tuple[int, object, dict]:
+        parts = path.split("/v1/", 1)[-1].strip("/").split("/")
+        if parts == ["files"] and method == "POST":
+            return 200, self._upload(headers, body), {}
+        if parts == ["files"] and method == "GET":
+            purpose = dict(q.split("=", 1) for q in target.partition("?")[2].split("&") if "=" in q).get("purpose")
+            files = [_public(f) for f in reversed(self.files.values()) if purpose in (None, f["purpose"])]  # newest first
+            return 200, {"object": "list", "data": files, "has_more": False}, {}
+        if len(parts) == 3 and parts[0] == "files" and parts[2] == "content" and parts[1] in self.files:
+            return 200, self.files[parts[1]]["_data"], {}
+        if parts == ["batches"] and method == "POST":
+            return self._create_batch(json.loads(body))
+        if parts == ["batches"] and method == "GET":
+            for b in list(self.batches.values()):
+                await self._advance(b)
+            data = sorted(self.batches.values(), key=lambda b: b["_n"], reverse=True)
+            return 200, {"object": "list", "data": [_public(b) for b in data], "has_more": False}, {}
+        if len(parts) == 2 and parts[0] == "batches" and parts[1] in self.batches:
+            return 200, _public(await self._advance(self.batches[parts[1]])), {}
+        return 404, {"error": {"message": f"no route {method} {path}", "type": "not_found"}}, {}
+
+    def _upload(self, headers: dict, body: bytes) -> dict:
+        message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+            f"content-type: {headers['content-type']}\r\n\r\n".encode() + body)
+        fields = {part.get_param("name", header="content-disposition"): part for part in message.iter_parts()}
+        data = fields["file"].get_payload(decode=True)
+        file_id = f"file-{len(self.files) + 1}"
+        self.files[file_id] = {"id": file_id, "object": "file", "bytes": len(data), "created_at": int(time.time()),
+                               "filename": fields["file"].get_filename(), "purpose": fields["purpose"].get_payload(decode=True).decode(),
+                               "status": "processed", "_data": data}
+        return _public(self.files[file_id])
+
+    def _output_file(self, name: str, lines: list[dict]) -> str | None:
+        if not lines:
+            return None
+        data = "".join(json.dumps(line) + "\n" for line in lines).encode()
+        file_id = f"file-{len(self.files) + 1}"
+        self.files[file_id] = {"id": file_id, "object": "file", "bytes": len(data), "created_at": int(time.time()), "filename": name,
+                               "purpose": "batch_output", "status": "processed", "_data": data}
+        return file_id
+
+    def _create_batch(self, req: dict) -> tuple[int, dict, dict]:
+        if req.get("input_file_id") not in self.files or req.get("endpoint") != "/v1/chat/completions" or req.get("completion_window") != "24h":
+            return 400, {"error": {"message": "bad batch request", "type": "invalid_request_error"}}, {}
+        self.batches_created += 1
+        batch_id = f"batch-{self.batches_created}"
+        now = int(time.time())
+        self.batches[batch_id] = {
+            "id": batch_id, "object": "batch", "endpoint": req["endpoint"], "input_file_id": req["input_file_id"],
+            "completion_window": "24h", "status": "in_progress", "created_at": now, "in_progress_at": now,
+            "metadata": req.get("metadata"), "output_file_id": None, "error_file_id": None,
+            "request_counts": {"total": 0, "completed": 0, "failed": 0},
+            "_n": self.batches_created, "_due": time.monotonic() + self.config.batch_delay_s,
+            "_expire": self.batches_created <= self.config.expire_batches,
+        }
+        return 200, _public(self.batches[batch_id]), {}
+
+    async def _advance(self, b: dict) -> dict:
+        """Finish a due batch: answer its lines (or half of them, when it expires) into its files."""
+        if b["status"] != "in_progress" or time.monotonic() < b["_due"]:
+            return b
+        lines = [json.loads(x) for x in self.files[b["input_file_id"]]["_data"].decode().splitlines() if x.strip()]
+        answered = lines[: len(lines) // 2] if b["_expire"] else lines
+        out, errors = [], []
+        for i, line in enumerate(answered):
+            status, payload, _ = await self._chat({**line["body"], "_in_batch": True})
+            status = status or 500  # a dropped connection: the batch records a server error
+            record = {"id": f"{b['id']}-req-{i}", "custom_id": line["custom_id"],
+                      "response": {"status_code": status, "request_id": f"req-{i}", "body": payload}, "error": None}
+            (out if status == 200 else errors).append(record)
+        for line in lines[len(answered):]:
+            errors.append({"id": f"{b['id']}-req-x", "custom_id": line["custom_id"], "response": None,
+                           "error": {"code": "batch_expired", "message": "This request could not be executed before the completion window expired."}})
+        now = int(time.time())
+        b.update(status="expired" if b["_expire"] else "completed", output_file_id=self._output_file(f"{b['id']}_output.jsonl", out),
+                 error_file_id=self._output_file(f"{b['id']}_error.jsonl", errors),
+                 request_counts={"total": len(lines), "completed": len(out), "failed": len(errors)})
+        b["expired_at" if b["_expire"] else "completed_at"] = now
+        return b
+
+
+def _public(obj: dict) -> dict:
+    return {k: v for k, v in obj.items() if not k.startswith("_")}
 
 
 def _van_der_corput(k: int) -> float:

@@ -567,3 +567,47 @@ def test_a_round_suspended_for_people_is_resumed_by_collect_annotations(server, 
     assert len(comparisons) == len(tasks) == len(set(comparisons))
     assert len(list(client.tasks.list(project=project.id, page_size=1000))) == len(tasks)  # nothing resubmitted
     assert (store / "checkpoints" / "v1" / "_COMPLETE").exists()
+
+
+# ----- an LLM judge through the Batch API: the round suspends and collect-annotations resumes it ----------
+
+
+def test_a_round_suspended_for_its_judge_batches_is_resumed_by_collect_annotations(server, tmp_path):
+    """The round deployment submits its pairs as a batch (to the local stub's Files and Batches API) and
+    suspends; the first batch expires with half its requests unanswered, the collector resubmits them,
+    and once nothing is pending it resumes the round, whose body runs again from the top, collects
+    and finishes: every pair stored once, one batch per record."""
+    from openai_stub import StubConfig, StubServer
+
+    with StubServer(StubConfig(api_key=ENV_SECRET, batch_delay_s=2.0, expire_batches=1)) as stub:
+        raw = {
+            "name": f"batch-{os.getpid()}-{int(time.time()) % 100000}",
+            "store": str(tmp_path / "store"),
+            "rounds": 1,
+            "games": [{"kind": "cyclic", "n": 5}],
+            "policy": {"kind": "tabular", "reference_spread": 0.0},
+            "oracle": {"kind": "llm_judge", "model": "stub-judge", "base_url": stub.base_url, "api_key_env": "NASHFLOW_TEST_JUDGE_KEY", "mode": "batch"},
+            "solver": {"algorithm": "inpo", "beta": 0.5},
+            "sampling": {"samples_per_prompt": 5},
+            "pairing": {"strategy": "all_pairs"},
+        }
+        path = _write_config(tmp_path, raw)
+        run_id = server.run("alignment-round", "round", config_path=path, round=1)
+        run = server.wait(run_id, timeout=180, until={"PAUSED", *TERMINAL})
+        assert run["state"]["type"] == "PAUSED" and run["state"]["name"] == "Suspended", (run["state"], server.tail_logs())
+        for _ in range(10):  # the scheduled collector
+            time.sleep(2.5)
+            collect_id = server.run("collect-annotations", "collect-annotations", config_path=path)
+            assert server.wait(collect_id, timeout=120)["state"]["type"] == "COMPLETED", server.tail_logs()
+            if server.flow_run(run_id)["state"]["type"] != "PAUSED":
+                break
+        run = server.wait(run_id, timeout=240)
+        assert run["state"]["type"] == "COMPLETED", server.tail_logs()
+        keys = [b["metadata"]["nashflow_key"] for b in stub.batches.values()]
+    assert len(keys) == len(set(keys)) == 2, "the expired batch's rest in one more batch, no batch twice"
+    store = tmp_path / "store"
+    records = [json.loads(f.read_text()) for f in (store / "judge_batches").glob("round-1/*.json")]
+    asked = {tuple(k) for r in records if r["generation"] == 0 for k in r["pairs"]}
+    comparisons = _stored_rows(store, "comparisons")
+    assert asked and len(comparisons) == len(set(comparisons)) == len(asked), "every pair of the round stored once"
+    assert (store / "checkpoints" / "v1.json").exists() or (store / "checkpoints" / "v1" / "_COMPLETE").exists()
