@@ -411,11 +411,13 @@ def export(
 
 @app.command()
 def compact(
-    store: Annotated[str, typer.Argument(help="a campaign's store (folder or URI)")],
+    store: Annotated[str, typer.Argument(metavar="STORE", help="a campaign's store (folder or URI)")],
     table: Annotated[Optional[str], typer.Option(help="only this table (default: all)")] = None,
 ):
-    """Merge each partition's small files into one, atomically: readers running meanwhile see the old
-    files or the merged one, never both; nothing is lost or duplicated."""
+    """Merge each partition's small files into one, atomically.
+
+    Readers running meanwhile see the old files or the merged one, never both; nothing is lost or
+    duplicated."""
     from data import Store, StoreError
 
     try:
@@ -429,9 +431,11 @@ def compact(
 
 
 @app.command()
-def check(store: Annotated[str, typer.Argument(help="a campaign's store (folder or URI)")]):
-    """Read every file of a store: unreadable or foreign files, keys stored twice with different
-    contents, references that do not resolve; each with its path and what to do. Exit 1 if any."""
+def check(store: Annotated[str, typer.Argument(metavar="STORE", help="a campaign's store (folder or URI)")]):
+    """Check every file of a store; say what to do about each problem.
+
+    Reports unreadable or foreign files, keys stored twice with different contents and references that
+    do not resolve, each with its path; exits 1 if there is any."""
     from data import Store, StoreError
 
     try:
