@@ -8,6 +8,7 @@ import pytest
 
 from data import Store
 from data.keys import comparison_id, prompt_id, response_id
+from data.rounds import rounds_table
 from oracles.batch_judge import RECORDS, BatchJudge, BatchSettings
 from oracles.llm_judge import LLMJudge, LLMJudgeConfig
 from oracles.protocol import Pair
@@ -268,7 +269,7 @@ def _every_pair_once(config, batches_created: int, server) -> None:
     wanted = {comparison_id(p.prompt_id, p.a_id, p.b_id, oracle_id) for p in pairs}
     assert wanted and wanted <= set(comps["comparison_id"]) and comps["comparison_id"].is_unique, "every pair judged (or abstained) once"
     assert server.batches_created == batches_created
-    assert list(stages.rounds_table(store)["round"]) == [1]
+    assert list(rounds_table(store)["round"]) == [1]
 
 
 @pytest.mark.slow

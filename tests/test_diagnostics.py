@@ -132,7 +132,7 @@ def test_judgment_counts_add_up_to_what_each_command_counts(tmp_path):
     # nashflow status --fit-gap: every answered judgment but a learned model's
     from solvers.preference_model import examples_from_store
 
-    assert len(examples_from_store(store)) == counts["judgments"] - counts["abstained"] - counts["learned"] == 3
+    assert len(examples_from_store(store, splits=None)) == counts["judgments"] - counts["abstained"] - counts["learned"] == 3
     # a round's row: its training judgments with an answer, and its abstentions
     assert {k: judgment_counts(store, rounds=[1])[k] for k in ("train_answered", "train", "eval")} == {"train_answered": 2 + 1, "train": 4, "eval": 0}
 
