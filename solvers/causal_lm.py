@@ -31,7 +31,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, ByT5Tokenizer, LlamaConfig, LlamaForCausalLM
 
 from data.keys import stable_hash
-from solvers import checkpoint
+from data.prompts import chat_messages
+from solvers import checkpoint, model_sources
 from solvers.lean_forward import LeanForward
 from solvers.mixture_sampling import decode, left_pad, ready_mask
 from solvers.policy import Sample
@@ -205,18 +206,22 @@ class CausalLMPolicy:
 
     @classmethod
     def load(cls, source: str | os.PathLike, config: CausalLMConfig = CausalLMConfig()) -> CausalLMPolicy:
-        """From a local folder (``save_pretrained`` + tokenizer) or a hub id (from the local cache when
-        HF_HUB_OFFLINE=1)."""
+        """From a local folder (``save_pretrained`` + tokenizer), a hub id (from the local cache when
+        HF_HUB_OFFLINE=1), a .gguf file or a packaged model's name (``load_model``)."""
         model, tokenizer = load_model(source, device=config.device, dtype=config.dtype)
         return cls(model, tokenizer, config)
 
     # --- text ↔ token ids
 
     def render(self, prompt: str) -> str:
-        """The prompt as the model sees it (chat template applied when there is one)."""
+        """The prompt as the model sees it: the chat template around it when the tokenizer has one.
+        A chat prompt (``data.prompts.chat_text``: its messages as JSON) is its messages through the
+        template, or, without one, each message on its own line as ``role: content``."""
+        messages = chat_messages(prompt)
         if not self.chat:
-            return prompt
-        return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+            return prompt if messages is None else "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+        messages = messages or [{"role": "user", "content": prompt}]
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     @property
     def prompt_room(self) -> int | None:
@@ -234,7 +239,7 @@ class CausalLMPolicy:
             if self.chat:  # the template writes any special tokens itself
                 ids = list(self._tokens(self.render(prompt), False))
             else:  # the tokenizer's own convention (a BOS for Llama), minus a trailing EOS (T5-style)
-                ids = list(self._tokens(prompt, True))
+                ids = list(self._tokens(self.render(prompt), True))
                 if ids and ids[-1] == self.tokenizer.eos_token_id:
                     ids = ids[:-1]
             if not ids:
@@ -375,9 +380,21 @@ def context_length(model, tokenizer) -> int | None:
 
 
 def load_model(source: str | os.PathLike, *, device: str = "auto", dtype: str = "auto"):
-    """(model, tokenizer) from a local folder or a hub id, with a clear error for what is missing."""
-    source = str(source)
-    local = Path(source).expanduser()
+    """(model, tokenizer) from a local folder, a hub id, a .gguf file (dequantized into a plain model
+    that saves as a folder), or a packaged model's name (``smollm2``: solvers/model_sources.py), with a
+    clear error for what is missing."""
+    device = _device(device)
+    torch_dtype = (torch.bfloat16 if device.startswith("cuda") else torch.float32) if dtype == "auto" else getattr(torch, dtype)
+    try:
+        source = model_sources.resolve(str(source))
+        local = Path(source).expanduser()
+        if model_sources.is_gguf(source):
+            model, tokenizer = model_sources.load_gguf(local, dtype=torch_dtype)
+            return model.to(device).eval(), tokenizer
+    except model_sources.ModelSourceError as e:
+        raise ModelLoadError(str(e)) from None
+    except Exception as e:  # transformers' GGUF reader: an architecture it cannot read, a damaged file
+        raise ModelLoadError(f"cannot load the GGUF file {source}: {_first_line(e)}") from e
     if local.is_dir():
         if not (local / "config.json").is_file():
             raise ModelLoadError(f"{source} is not a model folder: it has no config.json")
@@ -387,7 +404,7 @@ def load_model(source: str | os.PathLike, *, device: str = "auto", dtype: str = 
             )
         source = str(local)
     elif local.exists():
-        raise ModelLoadError(f"{source} is a file, not a model folder")
+        raise ModelLoadError(f"{source} is a file, not a model folder (a GGUF file's name ends in .gguf)")
     elif not _HUB_ID.fullmatch(source):
         raise ModelLoadError(f"model folder {source} does not exist")
     where = "folder" if local.is_dir() else "hub id"
@@ -396,8 +413,6 @@ def load_model(source: str | os.PathLike, *, device: str = "auto", dtype: str = 
     except Exception as e:  # transformers raises OSError, ValueError or EnvironmentError here
         hint = "" if local.is_dir() else f"; there is no folder {source} here either" + (" (HF_HUB_OFFLINE=1: only the local cache is searched)" if os.environ.get("HF_HUB_OFFLINE") == "1" else "")
         raise ModelLoadError(f"cannot load the tokenizer of {where} {source}: {_first_line(e)}{hint}") from e
-    device = _device(device)
-    torch_dtype = (torch.bfloat16 if device.startswith("cuda") else torch.float32) if dtype == "auto" else getattr(torch, dtype)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
     except Exception as e:

@@ -33,3 +33,6 @@ def prefect_harness():
 
 # The Label Studio server for tests marked label_studio (started by scripts/test.sh).
 from label_studio_fixtures import label_studio  # noqa: E402, F401
+
+# SmolLM2 for tests marked real_model (its package is installed by make setup), converted once per session.
+from real_model_fixtures import smollm2, smollm2_gguf  # noqa: E402, F401

@@ -22,10 +22,10 @@ def in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 
 
-def unavailable(reason: str) -> None:
+def unavailable(reason: str, tests: str = "the Label Studio tests") -> None:
     """Skip with ``reason`` on a developer's machine; fail in CI, where nothing may be skipped silently."""
     if in_ci():
-        pytest.fail(f"{reason} (CI=true: the Label Studio tests must run)", pytrace=False)
+        pytest.fail(f"{reason} (CI=true: {tests} must run)", pytrace=False)
     pytest.skip(reason)
 
 

