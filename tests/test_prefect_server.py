@@ -35,6 +35,9 @@ import pytest
 import yaml
 from local_servers import free_port, log_tail, stop, wait_until_up
 
+from data import Store
+from pipelines.versions import has_checkpoint
+
 pytestmark = [pytest.mark.prefect_server, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parent.parent
@@ -312,7 +315,6 @@ def test_campaign_deployment_runs_and_shows_each_stage(server, tmp_path):
     assert [a["data"] for a in by_key["tabular-inpo-judge-progress"]] == [100.0, 100.0]
     assert "22 judged now, 0 from the store" in by_key["tabular-inpo-judge-progress"][1]["description"]
 
-    from data import Store
     from data.rounds import rounds_table
 
     assert list(rounds_table(Store(str(store)))["round"]) == [1, 2]
@@ -359,7 +361,7 @@ def test_killed_in_the_judge_stage_then_retried_loses_and_duplicates_no_comparis
     states = {t["name"] + ":" + t["state"]["type"] for t in server.task_runs(run_id)}
     assert "crash-judge-r1-update-judge:CRASHED" in states and "crash-judge-r1-update-judge:COMPLETED" in states
     assert not any(s.endswith(":RUNNING") for s in states), "no task run is left 'Running' in the UI"
-    assert (store / "checkpoints" / "v1" / "_COMPLETE").exists()
+    assert has_checkpoint(Store(str(store)), "v1")
 
 
 def test_killed_in_the_update_then_retried_resumes_from_its_step_checkpoint(server, tmp_path):
@@ -382,7 +384,7 @@ def test_killed_in_the_update_then_retried_resumes_from_its_step_checkpoint(serv
     assert run["state"]["type"] == "COMPLETED", f"{run['state']}\n{server.tail_logs()}"
     logs = server.logs_with([run_id], "resuming from its step checkpoint", "inpo → v1 on 36 judged pairs")
     assert "resuming from its step checkpoint" in logs and "inpo → v1 on 36 judged pairs" in logs
-    assert (store / "checkpoints" / "v1" / "_COMPLETE").exists() and not work.exists()
+    assert has_checkpoint(Store(str(store)), "v1") and not work.exists()
     policy, optimizer = load_checkpoint(store / "checkpoints" / "v1")  # a complete, loadable checkpoint
     assert optimizer and all(p.isfinite().all() for p in policy.model.parameters())
     after = _stored_rows(store, "comparisons")
@@ -504,7 +506,6 @@ def test_campaign_with_its_store_on_an_object_store(server, s3_endpoint, monkeyp
     table, checkpoint and plot there; credentials come from the worker's environment, not the URI."""
     import pyarrow.fs as pafs
 
-    from data import Store
     from data.rounds import rounds_table
 
     for k, v in S3_CREDENTIALS.items():
@@ -517,7 +518,7 @@ def test_campaign_with_its_store_on_an_object_store(server, s3_endpoint, monkeyp
     assert run["state"]["type"] == "COMPLETED", f"{run['state']}\n{server.tail_logs()}"
     store = Store(uri)
     assert not store.is_local and list(rounds_table(store)["round"]) == [1, 2]
-    assert store.exists("checkpoints/v2/_COMPLETE") and store.exists("plots/metrics.png")
+    assert has_checkpoint(store, "v2") and store.exists("plots/metrics.png")
     comparisons = store.read("comparisons")
     assert len(comparisons) and comparisons["comparison_id"].is_unique
 
@@ -566,7 +567,7 @@ def test_a_round_suspended_for_people_is_resumed_by_collect_annotations(server, 
     comparisons = _stored_rows(store, "comparisons")
     assert len(comparisons) == len(tasks) == len(set(comparisons))
     assert len(list(client.tasks.list(project=project.id, page_size=1000))) == len(tasks)  # nothing resubmitted
-    assert (store / "checkpoints" / "v1" / "_COMPLETE").exists()
+    assert has_checkpoint(Store(str(store)), "v1")
 
 
 # ----- an LLM judge through the Batch API: the round suspends and collect-annotations resumes it ----------
@@ -610,4 +611,4 @@ def test_a_round_suspended_for_its_judge_batches_is_resumed_by_collect_annotatio
     asked = {tuple(k) for r in records if r["generation"] == 0 for k in r["pairs"]}
     comparisons = _stored_rows(store, "comparisons")
     assert asked and len(comparisons) == len(set(comparisons)) == len(asked), "every pair of the round stored once"
-    assert (store / "checkpoints" / "v1.json").exists() or (store / "checkpoints" / "v1" / "_COMPLETE").exists()
+    assert has_checkpoint(Store(str(store)), "v1")
