@@ -183,6 +183,15 @@ def intransitivity(store, *, rounds=None, oracle_ids=None, min_votes: float = 1,
     return {f"intransitivity/{k}": v for k, v in out.items()}
 
 
+def _starts_with(column, prefix: str):
+    """``pc.starts_with`` of a dictionary-encoded string column, computed once per distinct value."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    chunks = [pc.take(pc.starts_with(chunk.dictionary, prefix), chunk.indices) for chunk in column.chunks]
+    return pa.chunked_array(chunks, pa.bool_())
+
+
 def answered_kind(comparisons: pd.DataFrame) -> pd.Series:
     """The kind (the oracle id's first part, see oracles/protocol.make_oracle_id) of the oracle that
     answered each stored judgment: ``answered_by``, or the row's own ``oracle_id`` where that is null."""
@@ -219,10 +228,12 @@ def judgment_counts(store, *, rounds=None) -> dict:
     def counts_of(round: int) -> dict:
         """One round's counts, in Arrow (a long campaign's store holds millions of rows, and `nashflow
         status` counts them: a round at a time, rounds in parallel, nothing concatenated)."""
-        c = store.read_arrow("comparisons", rounds=[round], columns=["prompt_id", "oracle_id", "p_a", "answered_by"])
+        strings = ["prompt_id", "oracle_id", "answered_by"]  # few distinct values: compared as dictionaries
+        c = store.read_arrow("comparisons", rounds=[round], columns=[*strings, "p_a"], dictionary=strings)
         train, held_out = (pc.is_in(c["prompt_id"], value_set=ids_of[name]) for name in ("train", "eval"))
         answered = pc.is_valid(c["p_a"])
-        learned = pc.and_(answered, pc.starts_with(pc.coalesce(c["answered_by"], c["oracle_id"]), "learned:"))
+        by_model = pc.if_else(pc.is_valid(c["answered_by"]), _starts_with(c["answered_by"], "learned:"), _starts_with(c["oracle_id"], "learned:"))
+        learned = pc.and_(answered, pc.fill_null(by_model, False))
         return {
             "judgments": c.num_rows,
             "train": count(train),

@@ -138,12 +138,19 @@ class Store:
         return path
 
     def read_arrow(
-        self, table: str, *, rounds: Iterable[int] | None = None, columns: Sequence[str] | None = None, where: pc.Expression | None = None
+        self,
+        table: str,
+        *,
+        rounds: Iterable[int] | None = None,
+        columns: Sequence[str] | None = None,
+        where: pc.Expression | None = None,
+        dictionary: Sequence[str] = (),
     ) -> pa.Table:
         """The stored rows of ``table``, one row per key: only the partitions of ``rounds`` (all when
         None), only ``columns`` (and the key) off the disk, and only rows matching ``where`` (a
         ``pyarrow.compute`` expression on the files' columns, e.g. ``pc.field("policy_version") == "v3"``,
-        pushed down to the Parquet reader)."""
+        pushed down to the Parquet reader). String columns in ``dictionary`` come back dictionary-encoded,
+        as Parquet stores them: far cheaper to read and compare when values repeat (prompt and oracle ids)."""
         spec = _table(table)
         out_names = [n for n in spec.schema.names if not columns or n in columns or (n in spec.key and not spec.key_names_round)]
         with_key = list(dict.fromkeys([*out_names, *spec.key]))
@@ -153,7 +160,7 @@ class Store:
             be stored twice (a partition of several files, or a table whose keys span partitions)."""
             folder, rnd, files = partition
             names = with_key if len(files) > 1 or not spec.key_names_round else out_names
-            found = self._read_partition(spec, folder, rnd, files, names, pa.schema([spec.schema.field(n) for n in names]), where)
+            found = self._read_partition(spec, folder, rnd, files, names, pa.schema([spec.schema.field(n) for n in names]), where, dictionary)
             if spec.key_names_round and len(found) > 1:
                 found = [_drop_duplicate_keys(pa.concat_tables(found), spec.key)]
             return [t.select(out_names) for t in found]
@@ -169,29 +176,30 @@ class Store:
             out = _drop_duplicate_keys(out, spec.key)
         return out.select(list(columns)) if columns else out
 
-    def _read_partition(self, spec: Table, folder: str, rnd: int | None, files: list[str], names, schema, where) -> list[pa.Table]:
+    def _read_partition(self, spec: Table, folder: str, rnd: int | None, files: list[str], names, schema, where, dictionary=()) -> list[pa.Table]:
         """A partition's live files; listed again when a compaction replaced one since the listing."""
         for attempt in range(RELISTS):
             try:
-                return [self._read_file(spec, f"{folder}/{name}", rnd, names, schema, where) for name in self._live(folder, files)]
+                return [self._read_file(spec, f"{folder}/{name}", rnd, names, schema, where, dictionary) for name in self._live(folder, files)]
             except FileNotFoundError:
                 if attempt == RELISTS - 1:
                     raise
                 files = self._names_in(folder)
         return []
 
-    def _read_file(self, spec: Table, path: str, rnd: int | None, names: list[str], schema: pa.Schema, where) -> pa.Table:
+    def _read_file(self, spec: Table, path: str, rnd: int | None, names: list[str], schema: pa.Schema, where, dictionary=()) -> pa.Table:
         try:
             with self.fs.open_input_file(path) as f:
-                parquet = pq.ParquetFile(f)
-                _check_schema(parquet.schema_arrow, spec, path)
+                parquet = pq.ParquetFile(f, read_dictionary=[n for n in dictionary if n in names] or None)
+                _check_schema(_decoded(parquet.schema_arrow), spec, path)
                 # only the columns asked for come off the disk (responses' texts and tokens are most of it)
                 have = parquet.schema_arrow.names
                 present = [n for n in names if n in have]
                 migrate = spec.migration is not None and any(n in spec.migration[0] and n not in have for n in names)
                 if migrate:  # a file from before some typed columns: read what they are computed from
                     present += [n for n in spec.migration[1] if n not in present]
-                t = parquet.read(columns=present) if where is None else pq.read_table(f, columns=present, filters=where)
+                as_dictionary = [n for n in dictionary if n in present] or None
+                t = parquet.read(columns=present) if where is None else pq.read_table(f, columns=present, filters=where, read_dictionary=as_dictionary)
                 if migrate:
                     t = spec.migration[2](t)
         except FileNotFoundError:
@@ -200,7 +208,11 @@ class Store:
             raise StoreError(f"{path}: unreadable Parquet file in table {spec.name!r} ({e}); `nashflow check {self.uri}` lists every such file and what to do") from e
         if spec.partitioned and "round" in names:
             t = t.append_column("round", pa.array([rnd] * t.num_rows, pa.int64()))
-        return _with_added_columns(t, schema)
+        t = _with_added_columns(t, schema)
+        for name in dictionary:  # a column the file lacks, or one a migration computed, comes back plain
+            if name in t.column_names and not pa.types.is_dictionary(t.schema.field(name).type):
+                t = t.set_column(t.schema.get_field_index(name), name, pc.dictionary_encode(t[name]))
+        return t
 
     def read(self, table: str, *, rounds: Iterable[int] | None = None, columns: Sequence[str] | None = None, where: pc.Expression | None = None) -> pd.DataFrame:
         return self.read_arrow(table, rounds=rounds, columns=columns, where=where).to_pandas()
@@ -559,6 +571,11 @@ def _check_schema(got: pa.Schema, spec: Table, path: str) -> None:
     have = pa.schema([f for f in spec.file_schema if f.name in got.names or not f.nullable])
     if not got.equals(have, check_metadata=False):
         raise StoreError(f"{path}: schema does not match table {spec.name!r}: {_schema_diff(got, spec.file_schema)}")
+
+
+def _decoded(schema: pa.Schema) -> pa.Schema:
+    """The schema with dictionary-read columns as the plain types they are stored as."""
+    return pa.schema([f.with_type(f.type.value_type) if pa.types.is_dictionary(f.type) else f for f in schema], metadata=schema.metadata)
 
 
 def _with_added_columns(t: pa.Table, want: pa.Schema) -> pa.Table:
