@@ -313,10 +313,6 @@ class SolverSettings(Strict):
             options["weights"] = tuple(options["weights"])
         return self.entry.params(self.beta, self.eta, **options)
 
-    def loss_config(self):
-        """The language-model loss's config (its defaults unless ``loss`` is set)."""
-        return self.loss
-
 
 def _settings_model(a: algorithms.Algorithm) -> type[SolverSettings]:
     spec = {"algorithm": (Literal[a.name], Field(a.name, description=a.title))}

@@ -29,13 +29,12 @@ from data.keys import stable_hash
 from oracles.protocol import Pair
 from pipelines.config import CampaignConfig, ConfigError, load_config, parse_config
 from pipelines.oracle_factory import oracle_spec
-from pipelines.stages import judge_pairs, sample_responses
+from pipelines.stages import EVAL_SEED_OFFSET, judge_pairs, sample_responses
 from pipelines.versions import has_checkpoint, load_policy
 from pipelines.world import World
 from solvers import evaluation
 
 CONFIG_FILE = "campaign.json"  # the campaign's config as the run saw it, written into the store when it starts
-EVAL_SEED_OFFSET = 7919  # the round's evaluation stage samples with config.seed + this (stages.sampled_win_rate)
 
 
 def save_campaign_config(store: Store, config: CampaignConfig) -> None:

@@ -14,6 +14,7 @@ from prefect.cache_policies import NO_CACHE
 
 from data import Store
 from data.rounds import rounds_table
+from oracles.resume import pairs_from_keys
 from pipelines import artifacts, batch_judging, human, secrets, stages
 from pipelines.config import CampaignConfig
 from pipelines.evaluation import save_campaign_config
@@ -83,7 +84,7 @@ def judge_task(config: CampaignConfig, round: int, phase: str, pairs: list) -> d
     with gpu_slot(oracle_runs_model(config)):  # a learned model; a cascade holds it around its model only
         oracle = build_oracle(config, world)
         progress = artifacts.JudgeProgress(config.name, round, phase, oracle.oracle_id, len(pairs))
-        out = stages.judge_pairs(store, oracle, stages.pairs_from_keys(store, pairs, round=round), round=round, on_chunk=progress.update)
+        out = stages.judge_pairs(store, oracle, pairs_from_keys(store, pairs, round=round), round=round, on_chunk=progress.update)
     progress.finish(out)
     get_run_logger().info(
         "round %d %s: %s judged %d pairs (%d from the store, %d abstained, %d skipped, $%.4f) in %.1f s",

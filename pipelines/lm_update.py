@@ -76,9 +76,8 @@ def update_causal_lm(store: Store, config: CampaignConfig, world: World, *, roun
     examples = update_examples(
         store, config, round=round, phase=phase, sampled_version=sampled_version, oracle_ids=oracle_ids, anchor=policy, load=lambda v: load_policy(store, v, config, world)
     )
-    loss_config = config.solver.loss_config()
     trainer_config = config_from_settings(
-        TrainerConfig, config.trainer, pipeline_only={"window"}, loss=algorithm.name, loss_config=loss_config, device=config.policy.device, seed=config.seed + round
+        TrainerConfig, config.trainer, pipeline_only={"window"}, loss=algorithm.name, loss_config=config.solver.loss, device=config.policy.device, seed=config.seed + round
     )
     # step checkpoints of an unfinished update live beside the round's checkpoints, so a killed update resumes
     work = store.local_path(work_dir(new)) if store.is_local else tempfile.mkdtemp(prefix="nashflow-update-")
@@ -110,9 +109,8 @@ def update_examples(store: Store, config: CampaignConfig, *, round: int, phase: 
     responses["prompt"] = responses["prompt_id"].map(prompts["prompt"])
 
     logp = {anchor_version: ensure_logprobs(store, anchor, anchor_version, responses, round=round)}
-    loss_config = config.solver.loss_config()
     # the past iterates a loss reads besides the anchor π_t (MNPO: π_{t−1}, …, π_{t−H+1}; v0 at the start)
-    older = algorithm.older_iterates(loss_config)
+    older = algorithm.older_iterates(config.solver.loss)
     history = [version(max(r, 0)) for r in range(round - 2, round - 2 - older, -1)]
     for v in ["v0", *history]:
         if v not in logp:

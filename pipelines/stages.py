@@ -10,14 +10,15 @@ from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import pandas as pd
+import pyarrow.compute as pc
 
 from data import Store, comparison_id, prompt_id, response_id
 from data.diagnostics import intransitivity, judgment_counts
 from data.keys import stable_hash
 from oracles.protocol import Pair
-from oracles.resume import pairs_from_keys, unjudged  # noqa: F401 (pairs_from_keys: the stages' and people's too)
+from oracles.resume import unjudged
 from pipelines.config import CampaignConfig
-from pipelines.oracle_factory import build_oracle, campaign_oracle_ids, oracle_runs_model
+from pipelines.oracle_factory import campaign_oracle_ids, oracle_spec
 from pipelines.versions import checkpoint_dir, has_checkpoint, load_policy, mixture_version, save_checkpoint, stored_update_metrics, version, with_update_metrics
 from pipelines.world import World
 from solvers import evaluation, tabular
@@ -154,7 +155,7 @@ def judge_pairs(store: Store, oracle, pairs: list[Pair], *, round: int, chunk_si
 def judged_pairs(store: Store, *, oracle_ids: set[str], up_to_round: int) -> list[Judged]:
     """Every stored judgment of the campaign's oracles up to a round, with texts, for the solver.
     Solvers read only the comparisons table: never a scalar score per response."""
-    comps = store.read("comparisons", rounds=range(0, up_to_round + 1))
+    comps = store.read("comparisons", rounds=range(0, up_to_round + 1), columns=["prompt_id", "a_id", "b_id", "oracle_id", "p_a", "n_votes"])
     table = store.read("prompts").set_index("prompt_id")
     train = set(table.index[table["split"] == "train"])
     comps = comps[comps["oracle_id"].isin(oracle_ids) & comps["p_a"].notna() & comps["prompt_id"].isin(train)]
@@ -207,6 +208,9 @@ def ground_truth_metrics(policy, world: World, config: CampaignConfig, round: in
     return {k: float(np.mean(v)) for k, v in rows.items()}
 
 
+EVAL_SEED_OFFSET = 7919  # held-out samples are drawn with config.seed + this (nashflow eval reuses them)
+
+
 def sampled_win_rate(store: Store, config: CampaignConfig, world: World, *, round: int, hold_gpu=nullcontext) -> dict:
     """Win-rate of v{round} against the reference v0 on fresh samples of the held-out prompts, judged
     by the campaign's oracle (the ground truth in a synthetic world), with a 95% interval, beside its
@@ -219,20 +223,22 @@ def sampled_win_rate(store: Store, config: CampaignConfig, world: World, *, roun
     with hold_gpu():
         for v in (new, "v0"):
             policy = load_policy(store, v, config, world)
-            sample_responses(store, policy, world.eval_prompts, round=round, policy_version=v, k=m, seed=config.seed + 7919)
+            sample_responses(store, policy, world.eval_prompts, round=round, policy_version=v, k=m, seed=config.seed + EVAL_SEED_OFFSET)
         del policy  # the judge may need its memory
-    resp = store.read("responses", rounds=[round])
-    resp = resp[resp["prompt_id"].isin({prompt_id(p) for p in world.eval_prompts})].set_index("response_id")
+    eval_ids = [prompt_id(p) for p in world.eval_prompts]
+    resp = store.read("responses", rounds=[round], columns=["response_id", "prompt_id", "text", "n_tokens", "finish_reason"], where=pc.field("prompt_id").isin(eval_ids))
+    resp = resp.set_index("response_id")
     pairs = []
     for p in world.eval_prompts:
         pid = prompt_id(p)
         for slot in range(m):
             a, b = response_id(pid, new, round, slot), response_id(pid, "v0", round, slot)
             pairs.append(Pair(pid, p, a, resp.at[a, "text"], b, resp.at[b, "text"]))
-    with hold_gpu() if oracle_runs_model(config) else nullcontext():
-        oracle = build_oracle(config, world)
+    spec = oracle_spec(config.oracle, config, world)  # once: a learned oracle's id hashes its checkpoint
+    with hold_gpu() if spec.runs_model else nullcontext():
+        oracle = spec.build()
         judge_pairs(store, oracle, pairs, round=round)
-    comps = store.read("comparisons", rounds=[round]).set_index("comparison_id")
+    comps = store.read("comparisons", rounds=[round], columns=["comparison_id", "p_a"]).set_index("comparison_id")
     keys = [comparison_id(q.prompt_id, q.a_id, q.b_id, oracle.oracle_id) for q in pairs]
     judged = pd.DataFrame({"a_id": [q.a_id for q in pairs], "b_id": [q.b_id for q in pairs], "prompt_id": [q.prompt_id for q in pairs], "p": comps.loc[keys, "p_a"].to_numpy()})
     return vs_reference_metrics(judged.dropna(subset=["p"]), resp)

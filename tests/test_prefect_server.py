@@ -526,6 +526,27 @@ def test_campaign_with_its_store_on_an_object_store(server, s3_endpoint, monkeyp
 # ----- people: a deployment's round suspends and the collect-annotations deployment resumes it ------------
 
 
+def _suspended_round(server, tmp_path, name: str, **judges) -> tuple[str, str]:
+    """Round 1 of a cyclic tabular world, run by the round deployment with ``judges`` (``humans`` and/or
+    ``oracle``) until it suspends; returns the config's path and the round's flow-run id."""
+    raw = {
+        "name": name,
+        "store": str(tmp_path / "store"),
+        "rounds": 1,
+        "games": [{"kind": "cyclic", "n": 5}],
+        "policy": {"kind": "tabular", "reference_spread": 0.0},  # uniform: the samples differ
+        "solver": {"algorithm": "inpo", "beta": 0.5},
+        "sampling": {"samples_per_prompt": 5},
+        "pairing": {"strategy": "all_pairs"},
+        **judges,
+    }
+    path = _write_config(tmp_path, raw)
+    run_id = server.run("alignment-round", "round", config_path=path, round=1)
+    run = server.wait(run_id, timeout=180, until={"PAUSED", *TERMINAL})
+    assert run["state"]["type"] == "PAUSED" and run["state"]["name"] == "Suspended", (run["state"], server.tail_logs())
+    return path, run_id
+
+
 @pytest.mark.label_studio
 def test_a_round_suspended_for_people_is_resumed_by_collect_annotations(server, label_studio, tmp_path):
     """The round deployment submits its pairs to Label Studio and suspends (no process waits); people
@@ -536,21 +557,8 @@ def test_a_round_suspended_for_people_is_resumed_by_collect_annotations(server, 
     from oracles.label_studio_tasks import choice_result
 
     name = f"people-{os.getpid()}-{int(time.time()) % 100000}"
-    raw = {
-        "name": name,
-        "store": str(tmp_path / "store"),
-        "rounds": 1,
-        "games": [{"kind": "cyclic", "n": 5}],
-        "policy": {"kind": "tabular", "reference_spread": 0.0},  # uniform: the samples differ
-        "humans": {"share": 1.0, "url": label_studio.url, "api_key_env": "LABEL_STUDIO_API_KEY", "quorum": 1.0},
-        "solver": {"algorithm": "inpo", "beta": 0.5},
-        "sampling": {"samples_per_prompt": 5},
-        "pairing": {"strategy": "all_pairs"},
-    }
-    path = _write_config(tmp_path, raw)
-    run_id = server.run("alignment-round", "round", config_path=path, round=1)
-    run = server.wait(run_id, timeout=180, until={"PAUSED", *TERMINAL})
-    assert run["state"]["type"] == "PAUSED" and run["state"]["name"] == "Suspended", run["state"]
+    humans = {"share": 1.0, "url": label_studio.url, "api_key_env": "LABEL_STUDIO_API_KEY", "quorum": 1.0}
+    path, run_id = _suspended_round(server, tmp_path, name, humans=humans)
 
     client = LabelStudio(base_url=label_studio.url, api_key=label_studio.api_key)
     (project,) = [p for p in client.projects.list() if p.title == f"nashflow {name}"]
@@ -581,21 +589,8 @@ def test_a_round_suspended_for_its_judge_batches_is_resumed_by_collect_annotatio
     from openai_stub import StubConfig, StubServer
 
     with StubServer(StubConfig(api_key=ENV_SECRET, batch_delay_s=2.0, expire_batches=1)) as stub:
-        raw = {
-            "name": f"batch-{os.getpid()}-{int(time.time()) % 100000}",
-            "store": str(tmp_path / "store"),
-            "rounds": 1,
-            "games": [{"kind": "cyclic", "n": 5}],
-            "policy": {"kind": "tabular", "reference_spread": 0.0},
-            "oracle": {"kind": "llm_judge", "model": "stub-judge", "base_url": stub.base_url, "api_key_env": "NASHFLOW_TEST_JUDGE_KEY", "mode": "batch"},
-            "solver": {"algorithm": "inpo", "beta": 0.5},
-            "sampling": {"samples_per_prompt": 5},
-            "pairing": {"strategy": "all_pairs"},
-        }
-        path = _write_config(tmp_path, raw)
-        run_id = server.run("alignment-round", "round", config_path=path, round=1)
-        run = server.wait(run_id, timeout=180, until={"PAUSED", *TERMINAL})
-        assert run["state"]["type"] == "PAUSED" and run["state"]["name"] == "Suspended", (run["state"], server.tail_logs())
+        oracle = {"kind": "llm_judge", "model": "stub-judge", "base_url": stub.base_url, "api_key_env": "NASHFLOW_TEST_JUDGE_KEY", "mode": "batch"}
+        path, run_id = _suspended_round(server, tmp_path, f"batch-{os.getpid()}-{int(time.time()) % 100000}", oracle=oracle)
         for _ in range(10):  # the scheduled collector
             time.sleep(2.5)
             collect_id = server.run("collect-annotations", "collect-annotations", config_path=path)

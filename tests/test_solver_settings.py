@@ -43,7 +43,7 @@ def test_each_tabular_entry_runs_its_exact_step_from_the_config(name):
 @pytest.mark.parametrize("name", [n for n, a in algorithms.ALGORITHMS.items() if a.loss is not None])
 def test_each_language_model_entry_gets_its_typed_loss_config(name):
     config = parse_config({**LM, "solver": {"algorithm": name}})
-    assert isinstance(config.solver.loss_config(), algorithms.get(name).loss.config)
+    assert isinstance(config.solver.loss, algorithms.get(name).loss.config)
 
 
 def test_a_solver_without_an_algorithm_is_the_default_algorithm_s():
@@ -54,7 +54,7 @@ def test_a_solver_without_an_algorithm_is_the_default_algorithm_s():
 
 def test_loss_settings_are_typed_and_checked_with_their_path():
     config = parse_config({**LM, "solver": {"algorithm": "inpo", "loss": {"eta": 0.1}}})
-    assert config.solver.loss_config() == losses.INPOConfig(eta=0.1, tau=0.1 / 3)
+    assert config.solver.loss == losses.INPOConfig(eta=0.1, tau=0.1 / 3)
     assert "c.yaml: solver.loss: inpo: eta must be > 0" in refused({**LM, "solver": {"algorithm": "inpo", "loss": {"eta": -1}}})
     assert "solver.loss.rho" in refused({**LM, "solver": {"algorithm": "inpo", "loss": {"rho": 0.5}}})
 
