@@ -15,11 +15,12 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from data import Store
+from oracles.resume import pairs_from_keys
 from pipelines import flows, gpu, stages
-from pipelines.world import World
 from pipelines.config import default_config_path, load_config, parse_config
 from pipelines.retrying import is_transient, worth_retrying
 from pipelines.secrets import SecretNotFound
+from pipelines.world import World
 
 pytestmark = pytest.mark.slow
 
@@ -276,6 +277,6 @@ def test_pairing_hands_the_judge_keys_and_a_rerun_pairs_alike(tmp_path, prefect_
     assert keys == again and keys, "pairing is seeded: a resumed round gets the same pairs"
     assert all(isinstance(k, tuple) and len(k) == 3 and all(isinstance(x, str) for x in k) for k in keys), "keys, not texts"
     pairs = stages.pair_responses(store, round=1, policy_version="v0", strategy=config.pairing.strategy, skip_identical=True, seed=config.seed)
-    assert stages.pairs_from_keys(store, keys, round=1) == pairs, "the judge reads the same texts back from the store"
+    assert pairs_from_keys(store, keys, round=1) == pairs, "the judge reads the same texts back from the store"
     with pytest.raises(ValueError, match="not in the store"):
-        stages.pairs_from_keys(store, [(keys[0][0], "no-such-response", keys[0][2])], round=1)
+        pairs_from_keys(store, [(keys[0][0], "no-such-response", keys[0][2])], round=1)
