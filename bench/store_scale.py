@@ -7,14 +7,16 @@ judge (so only the store is measured): per round, `stages.sample_responses` writ
 responses of ~`tokens` tokens with their token ids and log-probs, `stages.pair_responses` pairs each
 prompt's samples in both orders, `stages.judge_pairs` stores 8,192 judgments, `lm_update.update_examples`
 reads what the update trains on and scores the reference's log-probs, and the evaluation stage's reads
-(`intransitivity` of the round, the rounds table) and its rounds row follow. Defaults: 4,096 responses,
-8,192 comparisons and 8,192 log-probs per round.
+(`intransitivity` of the round, the rounds table), the merge of the round's small files
+(`Store.compact(rounds=[r])`, as `stages.evaluate_policy` does before the row) and its rounds row follow.
+Defaults: 4,096 responses, 8,192 comparisons and 8,192 log-probs per round.
 
 Rounds 1 … N − 1 are grown in bulk (``grow_round``: the same rows through ``Store.write``, in the
 stages' chunks, without their per-row Python). Then, interleaved ``--repeats`` times so that both see
 the same load on shared cores, round 1 of a fresh store and the next round of the grown one are timed,
 each in a fresh process (its peak RSS is that round's); medians are reported. Then `nashflow status`
-(the whole command, Python start-up included) before and after `nashflow compact`. One JSON line;
+(the whole command, Python start-up included) before and after `nashflow compact` (which finds little
+left to merge: each round merged its own files). One JSON line;
 `growth_ratio` = round N / round 1 (goal ≤ 1.5), `status_s` (goal ≤ 3). The default run takes about
 four minutes and 0.6 GB of disk (reported as `disk_bytes`).
 """
@@ -112,6 +114,7 @@ def round_store_work(store: Store, round: int, args) -> float:
     stages.judge_pairs(store, SyntheticJudge(), pairs[:JUDGED_PER_ROUND], round=round)
     update_examples(store, config, round=round, phase="update", sampled_version=anchor, oracle_ids={SyntheticJudge.oracle_id}, anchor=policy, load=lambda v: policy)
     metrics = intransitivity(store, rounds=[round], oracle_ids={SyntheticJudge.oracle_id})
+    store.compact(rounds=[round])  # as stages.evaluate_policy does before the round's row
     store.write("rounds", [dict(round=round, policy_version=f"v{round}", checkpoint="-", solver="inpo", metrics=json.dumps(metrics), timings="{}")])
     rounds_table(store)
     return time.perf_counter() - started
@@ -146,6 +149,7 @@ def grow_round(store: Store, round: int, args, texts: list[str]) -> None:
             "a_id": [a for _, a, _ in chunk], "b_id": [b for _, _, b in chunk], "oracle_id": [judge] * m, "p_a": rng.integers(0, 2, size=m).astype(float),
             "n_votes": np.ones(m, np.int32), "answered_by": [judge] * m,
         }))  # fmt: skip
+    store.compact(rounds=[round])
     store.write("rounds", [dict(round=round, policy_version=f"v{round}", checkpoint="-", solver="inpo", metrics="{}", timings="{}")])
 
 

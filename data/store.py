@@ -290,8 +290,9 @@ class Store:
         return [n for n in names if n not in dead]
 
     # ----- upkeep: compaction and integrity --------------------------------------------------------
-    def compact(self, table: str | None = None) -> dict[str, dict[str, int]]:
-        """Merge each partition's files into one (per table: ``{"files_before", "files_after"}``).
+    def compact(self, table: str | None = None, *, rounds: Iterable[int] | None = None) -> dict[str, dict[str, int]]:
+        """Merge each partition's files into one (per table: ``{"files_before", "files_after"}``); only
+        the partitions of ``rounds`` when given (a campaign compacts each round it finishes).
 
         The merged file is written atomically and names, in its footer, the files it replaces; readers
         skip those from then on (``_live``), so a reader running at the same time reads either the old
@@ -300,8 +301,10 @@ class Store:
         """
         report = {}
         for spec in [_table(table)] if table else TABLES.values():
+            if rounds is not None and not spec.partitioned:
+                continue
             before = after = 0
-            for folder, rnd, names in self._partitions(spec):
+            for folder, rnd, names in self._partitions(spec, rounds=rounds):
                 live = self._live(folder, names)
                 before += len(live)
                 if len(live) > 1:

@@ -294,6 +294,10 @@ def evaluate_policy(store: Store, config: CampaignConfig, world: World, *, round
         "metrics": json.dumps(metrics, sort_keys=True),
         "timings": json.dumps(timings, sort_keys=True),
     }
+    # the round's small files (one per write: a judge chunk, a log-prob batch) merged into one per table
+    # before the row marks the round finished, so the file count, and what `status` and later rounds
+    # open, grows by one per table and round (a round killed before this point redoes it)
+    store.compact(rounds=[round])
     store.write("rounds", [row])
     return metrics
 

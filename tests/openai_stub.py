@@ -91,6 +91,7 @@ class StubServer:
 
     def __post_init__(self):
         self.requests = 0
+        self.chats: Counter = Counter()  # chat completions asked, "online" or "batch" (a batch's lines)
         self.faults: Counter = Counter()
         self.auth_headers: set[str] = set()
         self.header_names: set[str] = set()  # lower case
@@ -224,6 +225,7 @@ class StubServer:
 
     async def _chat(self, req: dict) -> tuple[int, dict, dict]:
         """One chat completion by the stub's rule (its status, body and extra headers)."""
+        self.chats["batch" if req.get("_in_batch") else "online"] += 1
         prompt = "\n".join(m["content"] for m in req["messages"] if isinstance(m.get("content"), str))
         blocks = {name: text for name, _tag, text in FENCE.findall(prompt)}
         first, second = blocks.get("A", ""), blocks.get("B", "")

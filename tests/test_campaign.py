@@ -57,6 +57,9 @@ def test_campaign_learns_and_a_repeated_round_adds_nothing(tmp_path, prefect_har
     assert np.all(table["pref/judged_now"] > 0)
     # one attempt per round judged all of the round's pairs, in both phases of Nash-MP (midpoint, update)
     assert (table["pref/round_judged"] == table["pref/judged_now"] + table["midpoint/pref/judged_now"]).all()
+    # a finished round's writes (both phases' samples and judge chunks) are merged: one file per table
+    store = Store(config.store)
+    assert {len(store.files(t, rounds=[r])) for t in ("responses", "comparisons") for r in range(1, 5)} == {1}
 
     before = parquet_files(config.store)
     flows.alignment_round(config, 3)  # a finished round, run again

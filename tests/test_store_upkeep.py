@@ -71,6 +71,14 @@ def test_compaction_leaves_one_file_per_partition_and_the_same_rows(tmp_path):
     assert store.check() == []
 
 
+def test_compacting_a_round_merges_only_its_partitions(tmp_path):
+    store = Store(tmp_path)
+    grow(store, 3)
+    report = store.compact(rounds=[2])
+    assert report["comparisons"] == {"files_before": 3, "files_after": 1} and "prompts" not in report
+    assert [len(store.files("comparisons", rounds=[r])) for r in (1, 2, 3)] == [3, 1, 3]
+
+
 def test_a_compaction_that_stops_before_deleting_changes_nothing_a_reader_sees(tmp_path, monkeypatch):
     store = Store(tmp_path)
     keys = grow(store, 2)
