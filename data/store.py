@@ -177,15 +177,19 @@ class Store:
         return out.select(list(columns)) if columns else out
 
     def _read_partition(self, spec: Table, folder: str, rnd: int | None, files: list[str], names, schema, where, dictionary=()) -> list[pa.Table]:
-        """A partition's live files; listed again when a compaction replaced one since the listing."""
+        """A partition's live files, read."""
+        return self._relisting(folder, files, lambda live: [self._read_file(spec, f"{folder}/{name}", rnd, names, schema, where, dictionary) for name in live])
+
+    def _relisting(self, folder: str, names: list[str], use):
+        """``use(live file names)``, with the partition listed again when a compaction replaced a file
+        since the listing (the listed file is gone: its rows are in the merged file)."""
         for attempt in range(RELISTS):
             try:
-                return [self._read_file(spec, f"{folder}/{name}", rnd, names, schema, where, dictionary) for name in self._live(folder, files)]
+                return use(self._live(folder, names))
             except FileNotFoundError:
                 if attempt == RELISTS - 1:
                     raise
-                files = self._names_in(folder)
-        return []
+                names = self._names_in(folder)
 
     def _read_file(self, spec: Table, path: str, rnd: int | None, names: list[str], schema: pa.Schema, where, dictionary=()) -> pa.Table:
         try:
@@ -232,14 +236,7 @@ class Store:
     def _files(self, spec: Table, rounds: Iterable[int] | None) -> list[tuple[str, int | None]]:
         out = []
         for folder, rnd, names in self._partitions(spec, rounds=rounds):
-            for attempt in range(RELISTS):
-                try:
-                    out += [(f"{folder}/{name}", rnd) for name in self._live(folder, names)]
-                    break
-                except FileNotFoundError:  # a merged file was itself replaced since the listing
-                    if attempt == RELISTS - 1:
-                        raise
-                    names = self._names_in(folder)
+            out += self._relisting(folder, names, lambda live: [(f"{folder}/{name}", rnd) for name in live])  # noqa: B023 - called at once
         return sorted(out)
 
     def _partitions(self, spec: Table, *, rounds: Iterable[int] | None = None, strict: bool = True) -> list[tuple[str, int | None, list[str]]]:
