@@ -202,7 +202,8 @@ def _population(judged: pd.DataFrame, resp: pd.DataFrame, versions: list[str], r
     for i, row in enumerate(rows):
         ids = pd.concat([judged.loc[judged["i"] == i, "a_id"], judged.loc[judged["j"] == i, "b_id"]]).unique()
         mine = resp.loc[ids]
-        row |= evaluation.length_stats(mine["n_tokens"], mine["finish_reason"])
+        # a row's lengths stay those of its head-to-head (beside its win-rates); v0 has none: all its pairs'
+        row |= {k: v for k, v in evaluation.length_stats(mine["n_tokens"], mine["finish_reason"]).items() if k not in row}
         row |= {"bt_rating": float(bt["ratings"][i]), "bt_ci95": float(bt["ci95"][i]), "lottery": float(pop["maximal_lottery"][i]), "win_rate_vs_mix": float(pop["win_rate_vs_mix"][i])}
     return {"W": W, "cyclic_triples": cyclic, "triples": triples, **pop, **bt}
 
