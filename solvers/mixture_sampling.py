@@ -79,8 +79,10 @@ def distinct_rows(prompt_ids: list[list[int]]) -> tuple[list[int], list[int]]:
 
 
 def cache_kwarg(model) -> str:
-    """The name of the KV-cache argument: transformers 5.24 renamed ``past_key_values`` to ``cache``."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    """The name of the KV-cache argument: transformers 5.24 renamed ``past_key_values`` to ``cache``.
+    A LoRA model (peft) passes it on to its base model's forward, whose signature says which."""
+    base = model.get_base_model() if hasattr(type(model), "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 def choose_tokens(scores: torch.Tensor, u: torch.Tensor, *, temperature: float, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
