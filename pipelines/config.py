@@ -84,8 +84,14 @@ class CausalLMPolicyConfig(Strict):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     too_long: Literal["truncate", "refuse"] = Field("truncate", description="a prompt longer than the context: truncate with a warning, or stop")
     device: str = Field("auto", description="'auto': CUDA when present, else CPU")
-    lean_forward: bool = Field(True, description="sample and score Llama, Mistral and Qwen2 models through solvers/lean_forward.py (same logits, less overhead); false: always the model's own forward")
     lora: LoraPolicySettings | None = Field(None, description="train a LoRA adapter (r, alpha, dropout, target_modules) instead of the whole model; None: full fine-tuning")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_fields(cls, data):
+        if isinstance(data, dict) and "lean_forward" in data:
+            raise ValueError("policy.lean_forward was removed: on a real model it was no faster than transformers' own forward (docs/solvers.md, 'Removed: the lean forward'); delete the field")
+        return data
 
 
 class TrainerSettings(Strict):

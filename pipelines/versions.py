@@ -130,7 +130,6 @@ def lm_config(config: CampaignConfig, *, training: bool = False):
     p = config.policy
     return CausalLMConfig(
         temperature=p.temperature, top_p=p.top_p, max_new_tokens=p.max_new_tokens, too_long=p.too_long, device=p.device, dtype="float32" if training else "auto",
-        lean_forward=p.lean_forward,
     )
 
 

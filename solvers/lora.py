@@ -66,16 +66,12 @@ class LoraSettings:
 
     def differences(self, model: PeftModel) -> list[str]:
         """What differs between these settings and the adapter ``model`` trains (empty: none)."""
-        have = model.peft_config[TRAINED]
-        targets = sorted(have.target_modules) if isinstance(have.target_modules, (set, list, tuple)) else have.target_modules
-        want = self.peft_config()
-        want_targets = sorted(want.target_modules) if isinstance(want.target_modules, (set, list, tuple)) else want.target_modules
+        have, want = model.peft_config[TRAINED], self.peft_config()
         pairs = {"r": (have.r, want.r), "alpha": (have.lora_alpha, want.lora_alpha), "dropout": (have.lora_dropout, want.lora_dropout)}
-        out = [f"{k}: stored {a}, configured {b}" for k, (a, b) in pairs.items() if a != b]
-        # peft stores "all-linear" resolved to the module names it found: compare those only when both are lists
-        if not isinstance(want_targets, str) and not isinstance(targets, str) and targets != want_targets:
-            out.append(f"target_modules: stored {targets}, configured {want_targets}")
-        return out
+        # peft keeps "all-linear" resolved to the module names it found: names are compared only with names
+        if not isinstance(have.target_modules, str) and not isinstance(want.target_modules, str):
+            pairs["target_modules"] = (sorted(have.target_modules), sorted(want.target_modules))
+        return [f"{k}: stored {a}, configured {b}" for k, (a, b) in pairs.items() if a != b]
 
 
 def is_lora(model) -> bool:

@@ -119,6 +119,21 @@ def test_lora_settings_are_checked_against_the_model_and_the_stored_adapter():
     assert lora.for_training(policy, SETTINGS) is policy
 
 
+def test_the_config_takes_lora_settings_and_refuses_the_removed_lean_forward():
+    from pipelines.config import ConfigError, parse_config
+    from pipelines.versions import lora_settings
+
+    def config(**policy):
+        return parse_config({"name": "x", "store": "s", "rounds": 1, "prompts": {}, "policy": {"kind": "causal_lm", **policy}, "oracle": {"kind": "text_world"}})
+
+    assert lora_settings(config()) is None
+    assert lora_settings(config(lora={"r": 4, "target_modules": ["q_proj", "v_proj"]})) == lora.LoraSettings(r=4, target_modules=["q_proj", "v_proj"])
+    with pytest.raises(ConfigError, match=r"lora\.r: Input should be greater than or equal to 1"):
+        config(lora={"r": 0})
+    with pytest.raises(ConfigError, match="policy.lean_forward was removed"):
+        config(lean_forward=False)
+
+
 @pytest.mark.slow
 def test_a_lora_campaign_stores_adapters_and_exports_a_merged_model(tmp_path, prefect_harness, monkeypatch):
     from data import Store
