@@ -183,6 +183,9 @@ def export_model(store: Store, version: str, out: str) -> str:
     """Write ``version`` as a plain model folder a user can serve or publish (``save_pretrained`` and
     the tokenizer): an adapter version merged into its base, a whole-model version copied without its
     optimizer state. Refuses an existing ``out``; a folder appears at ``out`` only once complete."""
+    from solvers import lora
+    from solvers.checkpoint import TRAINER_STATE
+
     if os.path.exists(out):
         raise FileExistsError(f"{out} exists; choose a new folder")
     parent = os.path.dirname(os.path.abspath(out))
@@ -190,14 +193,10 @@ def export_model(store: Store, version: str, out: str) -> str:
     with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory(dir=parent, prefix=".export-") as staging:
         folder = checkpoint_folder(store, version, os.path.join(tmp, "version"))
         staged = os.path.join(staging, "model")
-        from solvers import lora
-
         if lora.is_adapter_folder(folder):
             base = checkpoint_folder(store, base_version(store, version), os.path.join(tmp, "base"))
             lora.save_merged(base, folder, staged)
         else:
-            from solvers.checkpoint import TRAINER_STATE
-
             shutil.copytree(folder, staged, ignore=shutil.ignore_patterns(TRAINER_STATE, UPDATE_METRICS))
         os.rename(staged, out)
     return out

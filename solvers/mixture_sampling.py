@@ -25,7 +25,6 @@ import torch
 from transformers import DynamicCache
 
 
-
 @dataclass
 class Decoded:
     """What the loop produced for each row (row order as given)."""
