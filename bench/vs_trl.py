@@ -1,6 +1,6 @@
 """Seconds per judged pair of one whole online round, ours against TRL's OnlineDPOTrainer. One JSON line.
 
-    python bench/vs_trl.py [--prompts 8] [--steps 10] [--repeats 3] [--max-new-tokens 16] [--loss dpo] [--threads 1] [--no-lean-forward]
+    python bench/vs_trl.py [--prompts 8] [--steps 10] [--repeats 3] [--max-new-tokens 16] [--loss dpo] [--threads 1]
 
 Needs the ``bench`` extra (``pip install -e '.[bench]'``: trl>=1.16, where OnlineDPOTrainer lives in
 ``trl.experimental.online_dpo``). Without TRL, or when its trainer cannot run here, the line still
@@ -67,7 +67,6 @@ def parse_args(argv=None):
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--skip-trl", action="store_true")
-    p.add_argument("--no-lean-forward", action="store_true", help="ours samples and scores through transformers' forward (solvers/lean_forward.py off)")
     return p.parse_args(argv)
 
 
@@ -129,7 +128,7 @@ def our_round(policy: CausalLMPolicy, reference: CausalLMPolicy, oracle: TextWor
 
 def time_ours(args, prompts: list[str]) -> dict:
     model, tokenizer = make_model(args)
-    config = CausalLMConfig(temperature=1.0, top_p=1.0, max_new_tokens=args.max_new_tokens, batch_size=2 * len(prompts), device="cpu", dtype="float32", lean_forward=not args.no_lean_forward)
+    config = CausalLMConfig(temperature=1.0, top_p=1.0, max_new_tokens=args.max_new_tokens, batch_size=2 * len(prompts), device="cpu", dtype="float32")
     policy = CausalLMPolicy(model, tokenizer, config)
     reference = CausalLMPolicy(copy.deepcopy(model).eval(), tokenizer, config)
     for p in reference.model.parameters():
@@ -303,7 +302,6 @@ def main(argv=None) -> dict:
         "beta": args.beta,
         "lr": args.lr,
         "threads": args.threads,
-        "lean_forward": not args.no_lean_forward,
         "preference": "TextWorldOracle exact P(a>b) (ours: soft p_hat; TRL: chosen = first iff P >= 0.5)",
         "torch": torch.__version__,
     }

@@ -409,6 +409,26 @@ def export(
     )
 
 
+@app.command("export-model")
+def export_model(
+    store: Annotated[str, typer.Argument(metavar="STORE", help="a campaign's store")],
+    version: Annotated[str, typer.Argument(metavar="VERSION", help="a policy version of the store, e.g. v3")],
+    out: Annotated[str, typer.Argument(metavar="OUT", help="a new folder for the model")],
+):
+    """Write a policy version as a plain model folder to serve or publish.
+
+    transformers' save_pretrained and the tokenizer, loadable without nashflow or peft: a LoRA version
+    is merged into its base model; a full version is copied without its optimizer state."""
+    from data import Store, StoreError
+    from pipelines.versions import export_model as export
+
+    try:
+        export(Store(store, must_exist=True), version, out)
+    except (StoreError, FileNotFoundError, FileExistsError) as e:
+        _fail(str(e))
+    console.print(f"wrote {version} of {store} to {out}")
+
+
 @app.command()
 def compact(
     store: Annotated[str, typer.Argument(metavar="STORE", help="a campaign's store (folder or URI)")],

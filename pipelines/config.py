@@ -58,6 +58,18 @@ class MatrixOracleConfig(Strict):
     seed: int = 0
 
 
+class LoraPolicySettings(Strict):
+    """Train a LoRA adapter instead of every weight (solvers/lora.py): one copy of the base model, the
+    reference μ is the base with the adapter off, and each version's checkpoint is the adapter alone."""
+
+    r: int = Field(8, ge=1, description="rank of the adapter: more rank, more capacity and memory")
+    alpha: float = Field(16.0, gt=0, description="scale α: the weight update is (α/r)·B A")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the adapter's input while training")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="names of the linear modules that get an adapter (e.g. [q_proj, v_proj]), or 'all-linear': every linear layer but the output head"
+    )
+
+
 class CausalLMPolicyConfig(Strict):
     """A transformers causal LM, updated by the solver's loss with the trainer."""
 
@@ -72,7 +84,14 @@ class CausalLMPolicyConfig(Strict):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     too_long: Literal["truncate", "refuse"] = Field("truncate", description="a prompt longer than the context: truncate with a warning, or stop")
     device: str = Field("auto", description="'auto': CUDA when present, else CPU")
-    lean_forward: bool = Field(True, description="sample and score Llama, Mistral and Qwen2 models through solvers/lean_forward.py (same logits, less overhead); false: always the model's own forward")
+    lora: LoraPolicySettings | None = Field(None, description="train a LoRA adapter (r, alpha, dropout, target_modules) instead of the whole model; None: full fine-tuning")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_fields(cls, data):
+        if isinstance(data, dict) and "lean_forward" in data:
+            raise ValueError("policy.lean_forward was removed: on a real model it was no faster than transformers' own forward (docs/solvers.md, 'Removed: the lean forward'); delete the field")
+        return data
 
 
 class TrainerSettings(Strict):

@@ -14,7 +14,7 @@ import pandas as pd
 
 from data import Store
 from pipelines.config import CampaignConfig, config_from_settings
-from pipelines.versions import is_mixture, load_policy, save_checkpoint, version, with_update_metrics, work_dir
+from pipelines.versions import base_version, checkpoint_folder, is_mixture, load_policy, lora_settings, save_checkpoint, version, with_update_metrics, work_dir
 from pipelines.world import World
 
 
@@ -69,12 +69,14 @@ def training_pairs(store: Store, config: CampaignConfig, rows: pd.DataFrame, pro
 
 def update_causal_lm(store: Store, config: CampaignConfig, world: World, *, round: int, phase: str, sampled_version: str, oracle_ids: set[str]) -> dict:
     from solvers import checkpoint as lm_checkpoint
+    from solvers import lora
     from solvers.trainer import TrainerConfig, update
 
     new, anchor_version, algorithm = version(round, phase), version(round - 1), config.solver.entry
     policy, optimizer_state = load_policy(store, anchor_version, config, world, with_optimizer=True)
+    policy = lora.for_training(policy, lora_settings(config), seed=config.seed + round)
     examples = update_examples(
-        store, config, round=round, phase=phase, sampled_version=sampled_version, oracle_ids=oracle_ids, anchor=policy, load=lambda v: load_policy(store, v, config, world)
+        store, config, round=round, phase=phase, sampled_version=sampled_version, oracle_ids=oracle_ids, anchor=policy, load=other_versions(store, config, world, policy)
     )
     trainer_config = config_from_settings(
         TrainerConfig, config.trainer, pipeline_only={"window"}, loss=algorithm.name, loss_config=config.solver.loss, device=config.policy.device, seed=config.seed + round
@@ -83,10 +85,32 @@ def update_causal_lm(store: Store, config: CampaignConfig, world: World, *, roun
     work = store.local_path(work_dir(new)) if store.is_local else tempfile.mkdtemp(prefix="nashflow-update-")
     result = update(policy, examples, trainer_config, optimizer_state=optimizer_state, checkpoint_dir=work)
     metrics = {"judged_pairs_used": len(examples), **result.summary}
-    write = lambda folder: lm_checkpoint.save_checkpoint(folder, policy.model, policy.tokenizer, {"optimizer": result.optimizer_state})  # noqa: E731
-    path = save_checkpoint(store, new, with_update_metrics(write, metrics))
+    adapter = lora.is_lora(policy.model)  # the checkpoint is the adapter alone; the tokenizer is its base's
+    write = lambda folder: lm_checkpoint.save_checkpoint(folder, policy.model, None if adapter else policy.tokenizer, {"optimizer": result.optimizer_state})  # noqa: E731
+    path = save_checkpoint(store, new, with_update_metrics(write, metrics), base="v0" if adapter else None)
     shutil.rmtree(work, ignore_errors=True)
     return {"version": new, "checkpoint": path, **metrics}
+
+
+def other_versions(store: Store, config: CampaignConfig, world: World, anchor):
+    """``update_examples``' ``load``: what scores another version than the anchor. With LoRA, the anchor's
+    own base weights serve them all: μ (v0) is the base with the adapter off, a past iterate its adapter
+    run in place of the anchor's; otherwise (or for a whole-model version) the version is loaded."""
+    from solvers import lora
+
+    if not lora.is_lora(anchor.model):
+        return lambda v: load_policy(store, v, config, world)
+
+    def load(v: str):
+        if v == "v0":
+            return lora.AdapterScorer(anchor, None)
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = checkpoint_folder(store, v, tmp)
+            if lora.is_adapter_folder(folder) and base_version(store, v) == "v0":
+                return lora.AdapterScorer(anchor, lora.read_adapter(folder))
+        return load_policy(store, v, config, world)
+
+    return load
 
 
 def update_examples(store: Store, config: CampaignConfig, *, round: int, phase: str, sampled_version: str, oracle_ids: set[str], anchor, load) -> list:

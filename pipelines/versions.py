@@ -2,9 +2,11 @@
 checkpoint layout, writing a checkpoint so that a reader never takes a half-written one, and loading
 a version's policy.
 
-    checkpoints/v<N>/        the policy after round N (v0: the reference), as its writer saved it
+    checkpoints/v<N>/        the policy after round N (v0: the reference), as its writer saved it: a whole
+                             model, or (``policy.lora``) an adapter alone, loaded on top of its base
     checkpoints/v<N>.json    its manifest, written last: only a version with a manifest exists
-                             (data/checkpoints.py; a store written before has checkpoints/v<N>/_COMPLETE)
+                             (data/checkpoints.py; a store written before has checkpoints/v<N>/_COMPLETE);
+                             an adapter's names its base version (``"base": "v0"``)
     checkpoints/.work-v<N>/  step checkpoints of the unfinished update that makes v<N>
 """
 
@@ -19,7 +21,7 @@ import uuid
 from data import Store
 from data import checkpoints as marks
 from oracles.matrix import action_names
-from pipelines.config import CampaignConfig
+from pipelines.config import CampaignConfig, config_from_settings
 from pipelines.world import World
 from solvers.tabular_policy import TabularPolicy
 
@@ -60,17 +62,22 @@ def has_checkpoint(store: Store, version: str) -> bool:
     return marks.is_complete(store, checkpoint_dir(version))
 
 
-def save_checkpoint(store: Store, version: str, write) -> str:
+def save_checkpoint(store: Store, version: str, write, *, base: str | None = None) -> str:
     """``write(folder)`` saves a policy into a local folder; this puts it in the store so that a reader
     never takes a half-written checkpoint for a complete one: a temporary folder is moved into place,
-    then the manifest is written."""
+    then the manifest is written. ``base``: the version an adapter checkpoint is loaded on top of."""
     final = checkpoint_dir(version)
     with tempfile.TemporaryDirectory() as tmp:
         staged = os.path.join(tmp, "ckpt")
         write(staged)
         publish_folder(store, staged, final)
-    marks.mark_complete(store, final, {"version": version})
+    marks.mark_complete(store, final, {"version": version, **({"base": base} if base else {})})
     return store.path(final)
+
+
+def base_version(store: Store, version: str) -> str:
+    """The version an adapter checkpoint is loaded on top of (its manifest's ``base``; v0 by default)."""
+    return marks.read_manifest(store, checkpoint_dir(version)).get("base", "v0")
 
 
 def publish_folder(store: Store, staged: str, final: str) -> None:
@@ -123,7 +130,6 @@ def lm_config(config: CampaignConfig, *, training: bool = False):
     p = config.policy
     return CausalLMConfig(
         temperature=p.temperature, top_p=p.top_p, max_new_tokens=p.max_new_tokens, too_long=p.too_long, device=p.device, dtype="float32" if training else "auto",
-        lean_forward=p.lean_forward,
     )
 
 
@@ -144,18 +150,56 @@ def ensure_reference(store: Store, config: CampaignConfig, world: World) -> None
     save_checkpoint(store, "v0", lambda folder: lm_checkpoint.save_checkpoint(folder, policy.model, policy.tokenizer))
 
 
+def lora_settings(config: CampaignConfig):
+    """``policy.lora`` as solvers/lora.py's settings, or None (full fine-tuning)."""
+    from solvers.lora import LoraSettings
+
+    lora = getattr(config.policy, "lora", None)
+    return None if lora is None else config_from_settings(LoraSettings, lora)
+
+
 def load_policy(store: Store, version: str, config: CampaignConfig, world: World, *, with_optimizer: bool = False):
-    """The policy of a version (and, for a causal LM with ``with_optimizer``, AdamW's saved state)."""
+    """The policy of a version (and, for a causal LM with ``with_optimizer``, AdamW's saved state). An
+    adapter version is its base's model with the adapter on top."""
     ensure_reference(store, config, world)
     with tempfile.TemporaryDirectory() as tmp:
-        folder = checkpoint_folder(store, version, tmp)
+        folder = checkpoint_folder(store, version, os.path.join(tmp, "version"))
         if config.policy.kind == "tabular":
             policy, optimizer = TabularPolicy.load(folder), None
         else:
+            from solvers import lora
             from solvers.causal_lm import load_checkpoint
 
-            policy, optimizer = load_checkpoint(folder, lm_config(config, training=with_optimizer))
+            lm = lm_config(config, training=with_optimizer)
+            if lora.is_adapter_folder(folder):
+                base = checkpoint_folder(store, base_version(store, version), os.path.join(tmp, "base"))
+                policy, optimizer = lora.load_checkpoint(base, folder, lm)
+            else:
+                policy, optimizer = load_checkpoint(folder, lm)
     return (policy, optimizer) if with_optimizer else policy
+
+
+def export_model(store: Store, version: str, out: str) -> str:
+    """Write ``version`` as a plain model folder a user can serve or publish (``save_pretrained`` and
+    the tokenizer): an adapter version merged into its base, a whole-model version copied without its
+    optimizer state. Refuses an existing ``out``; a folder appears at ``out`` only once complete."""
+    from solvers import lora
+    from solvers.checkpoint import TRAINER_STATE
+
+    if os.path.exists(out):
+        raise FileExistsError(f"{out} exists; choose a new folder")
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory(dir=parent, prefix=".export-") as staging:
+        folder = checkpoint_folder(store, version, os.path.join(tmp, "version"))
+        staged = os.path.join(staging, "model")
+        if lora.is_adapter_folder(folder):
+            base = checkpoint_folder(store, base_version(store, version), os.path.join(tmp, "base"))
+            lora.save_merged(base, folder, staged)
+        else:
+            shutil.copytree(folder, staged, ignore=shutil.ignore_patterns(TRAINER_STATE, UPDATE_METRICS))
+        os.rename(staged, out)
+    return out
 
 
 UPDATE_METRICS = "update_metrics.json"  # in a checkpoint's folder: the metrics of the update that made it

@@ -10,10 +10,8 @@ by its text (from an OpenAI-compatible server, say) is scored as the text's toke
 
 Two ways to get log-probs, one formula (``sequence_logprobs``):
 - ``CausalLMPolicy.score`` — no grad, batched and length-sorted: what fills the store's log-prob cache.
-  Supported Llama-family models run solvers/lean_forward.py's forward here (the same logits, less
-  overhead), as they do when sampling; ``CausalLMConfig.lean_forward`` = False turns that off.
-- ``sequence_logprobs`` on a ``pack``-ed batch — with grad: what the trainer calls, always through the
-  model's own forward.
+- ``sequence_logprobs`` on a ``pack``-ed batch — with grad: what the trainer calls.
+Both run the model's own forward (transformers'; a LoRA model's through peft).
 Neither materializes a float32 log-softmax over the vocabulary for the whole batch: logits are kept only
 at response positions and normalized chunk by chunk (``token_logprobs``).
 """
@@ -33,8 +31,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, ByT5Tokenizer, Lla
 from data.keys import stable_hash
 from data.prompts import chat_messages
 from solvers import checkpoint, model_sources
-from solvers.lean_forward import LeanForward
-from solvers.mixture_sampling import decode, left_pad, ready_mask
+from solvers.mixture_sampling import decode, left_pad
 from solvers.policy import Sample
 
 # A minimal chat template for tiny models (`transformers serve` needs one to answer chat requests).
@@ -71,7 +68,6 @@ class CausalLMConfig:
     device: str = "auto"  # "auto" = cuda when available, else cpu
     dtype: str = "auto"  # "auto" = bfloat16 on cuda, float32 on cpu; or float32 / bfloat16 / float16
     chunk_elements: int = 2**24  # logits normalized per chunk of this many floats (64 MiB in float32)
-    lean_forward: bool = True  # sample and score through solvers/lean_forward.py where it supports the model
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -159,23 +155,17 @@ def pack(prompt_ids: list[list[int]], response_ids: list[list[int]], *, pad_id: 
     return TokenBatch(input_ids, attention_mask, position_ids, targets, target_mask)
 
 
-def sequence_logprobs(model, batch: TokenBatch, *, chunk_elements: int = 2**24, runner: LeanForward | None = None) -> torch.Tensor:
+def sequence_logprobs(model, batch: TokenBatch, *, chunk_elements: int = 2**24) -> torch.Tensor:
     """(batch,) float32: Σ_t log π(y_t | x, y_<t) over each row's response tokens. Differentiable
-    when grad is enabled; the caller chooses (``torch.inference_mode()`` for caching). ``runner``
-    (``LeanForward.of(model)``, no grad only): its forward instead of the model's own."""
+    when grad is enabled; the caller chooses (``torch.inference_mode()`` for caching)."""
     batch = batch.to(next(model.parameters()).device)
-    keep = batch.targets.shape[1]
-    if runner is None:
-        logits = model(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            position_ids=batch.position_ids,
-            use_cache=False,
-            logits_to_keep=keep,
-        ).logits
-    else:
-        mask = ready_mask(batch.attention_mask.bool(), batch.input_ids.shape[1], runner.dtype)
-        logits = runner.forward(batch.input_ids, runner.rope(batch.position_ids), mask, keep=keep)
+    logits = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        use_cache=False,
+        logits_to_keep=batch.targets.shape[1],
+    ).logits
     per_token = token_logprobs(logits, batch.targets, chunk_elements=chunk_elements)
     return (per_token * batch.target_mask).sum(-1)
 
@@ -306,12 +296,11 @@ class CausalLMPolicy:
         prompt_ids, response_ids = self.encode(prompts, responses, finished, tokens)
         order = sorted(range(len(prompts)), key=lambda i: len(prompt_ids[i]) + len(response_ids[i]))
         out = [0.0] * len(prompts)
-        runner = LeanForward.of(self.model) if self.config.lean_forward else None
         with torch.inference_mode():
             for s in range(0, len(order), self.config.batch_size):
                 rows = order[s : s + self.config.batch_size]
                 batch = pack([prompt_ids[i] for i in rows], [response_ids[i] for i in rows], pad_id=self.pad_id)
-                logp = sequence_logprobs(self.model, batch, chunk_elements=self.config.chunk_elements, runner=runner)
+                logp = sequence_logprobs(self.model, batch, chunk_elements=self.config.chunk_elements)
                 for i, v in zip(rows, logp.tolist()):
                     out[i] = v
         return out
@@ -341,7 +330,6 @@ class CausalLMPolicy:
                 pad_id=self.pad_id,
                 temperature=self.config.temperature,
                 top_p=self.config.top_p,
-                lean=self.config.lean_forward,
             )
             for (i, j), tokens, stopped, logp in zip(chunk, decoded.tokens, decoded.stopped, decoded.logp.tolist()):
                 out[i][j] = self._as_sample(tokens, stopped, logp)

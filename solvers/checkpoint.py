@@ -36,9 +36,10 @@ STEP_PREFIX = "step-"
 def save_checkpoint(
     path: str | os.PathLike, model, tokenizer, trainer_state: dict | None = None, *, overwrite: bool = False, manifest: dict | None = None
 ) -> Path:
-    """Write model (safetensors), tokenizer and ``trainer_state`` (torch.save; tensors, numbers,
-    strings, lists and dicts only) into the folder ``path``, atomically, then its ``manifest`` (which
-    marks it complete). Refuses an existing ``path`` unless ``overwrite``. Returns ``path``."""
+    """Write model (safetensors; a LoRA model's ``save_pretrained`` writes its adapter alone), tokenizer
+    (None: none) and ``trainer_state`` (torch.save; tensors, numbers, strings, lists and dicts only) into
+    the folder ``path``, atomically, then its ``manifest`` (which marks it complete). Refuses an existing
+    ``path`` unless ``overwrite``. Returns ``path``."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
@@ -48,7 +49,8 @@ def save_checkpoint(
     partial = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
         model.save_pretrained(partial)
-        tokenizer.save_pretrained(partial)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(partial)
         if trainer_state is not None:
             torch.save(trainer_state, partial / TRAINER_STATE)
         _fsync_folder(partial)

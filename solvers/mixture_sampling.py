@@ -9,9 +9,8 @@ policy π_θ and the reference μ, normalized per token:
 Plain sampling is the same loop with one model and weight 1, so there is one loop to trust. Each model
 keeps its own KV cache: the prompt goes through each model once, then one token per step (the popular
 implementation re-ran both models over the whole prefix at every token). Rows with the same prompt (the k
-samples of a prompt) share it: each distinct prompt is read once and its cache rows copied. A model
-solvers/lean_forward.py supports runs through it, with a cache preallocated for the whole response;
-any other runs its own forward with a transformers DynamicCache. Both give the same logits.
+samples of a prompt) share it: each distinct prompt is read once and its cache rows copied. Each model
+runs its own forward with a transformers DynamicCache.
 
 Randomness comes from uniforms the caller draws per row (inverse-CDF sampling): a row's tokens then
 depend only on its own uniforms and its own logits, not on which other rows share the batch.
@@ -24,8 +23,6 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
-
-from solvers.lean_forward import LeanForward, takes_ready_mask
 
 
 @dataclass
@@ -78,9 +75,24 @@ def distinct_rows(prompt_ids: list[list[int]]) -> tuple[list[int], list[int]]:
     return firsts, share
 
 
+def takes_ready_mask(model) -> bool:
+    """Whether the model can be handed a ready 4D additive mask, used as-is by every layer: SDPA or
+    eager attention and no layer with a window or chunks of its own. transformers expands a 2D padding
+    mask again at every generated token: about a third of a tiny model's per-token time on a CPU."""
+    config = model.config.get_text_config()
+    if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
+        return False
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return all(t == "full_attention" for t in layer_types)
+    return getattr(config, "sliding_window", None) is None and getattr(config, "attention_chunk_size", None) is None
+
+
 def cache_kwarg(model) -> str:
-    """The name of the KV-cache argument: transformers 5.24 renamed ``past_key_values`` to ``cache``."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    """The name of the KV-cache argument: transformers 5.24 renamed ``past_key_values`` to ``cache``.
+    A LoRA model (peft) passes it on to its base model's forward, whose signature says which."""
+    base = model.get_base_model() if hasattr(type(model), "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 def choose_tokens(scores: torch.Tensor, u: torch.Tensor, *, temperature: float, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,14 +130,12 @@ def decode(
     pad_id: int,
     temperature: float = 1.0,
     top_p: float = 1.0,
-    lean: bool = True,
 ) -> Decoded:
     """Sample one response per prompt row from softmax(Σ_i weights[i]·log_softmax(logits_i)), tempered
     and nucleus-truncated, with one KV cache per model.
 
     ``uniforms`` is (rows, max_new_tokens): row r's t-th token uses uniforms[r, t]; its width is the
-    number of new tokens. All models must share one vocabulary and sit on one device. ``lean``: run
-    each model that solvers/lean_forward.py supports through it (same logits, less overhead per token).
+    number of new tokens. All models must share one vocabulary and sit on one device.
     """
     if len(models) != len(weights) or not models:
         raise ValueError(f"decode: {len(models)} models but {len(weights)} weights")
@@ -135,7 +145,7 @@ def decode(
     device = next(models[0].parameters()).device
     ids, mask, positions = left_pad(prompt_ids, pad_id, device)
     keep = torch.cat([mask.bool(), torch.ones((rows, max_new_tokens), dtype=torch.bool, device=device)], dim=-1)
-    steppers = [_stepper(m, keep, positions, lean) for m in models]
+    steppers = [_Steps(m, keep, positions) for m in models]
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
     done = torch.zeros(rows, dtype=torch.bool, device=device)
     logp = torch.zeros(rows, dtype=torch.float64, device=device)
@@ -170,12 +180,7 @@ def decode(
     return Decoded(tokens=tokens, stopped=stopped, logp=logp.cpu(), logq=logq.cpu())
 
 
-def _stepper(model, keep: torch.Tensor, positions: torch.Tensor, lean: bool):
-    runner = LeanForward.of(model) if lean else None
-    return _LeanSteps(runner, keep, positions) if runner is not None else _TransformersSteps(model, keep, positions)
-
-
-class _TransformersSteps:
+class _Steps:
     """One model's logits through its own forward and a transformers DynamicCache.
 
     ``keep`` (rows, prompt width + new tokens) bool marks real tokens; ``positions`` (rows, prompt width)
@@ -206,24 +211,3 @@ class _TransformersSteps:
     def _forward(self, ids, mask, positions):
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **{self.cache_name: self.cache})
         return out.logits[:, -1]
-
-
-class _LeanSteps:
-    """The same logits through solvers/lean_forward.py, with a KV cache preallocated for every new token."""
-
-    def __init__(self, runner: LeanForward, keep: torch.Tensor, positions: torch.Tensor):
-        self.runner, self.keep, self.width = runner, keep, positions.shape[1]
-        new = positions[:, -1:] + 1 + torch.arange(keep.shape[1] - self.width, device=positions.device)
-        self.cos, self.sin = runner.rope(torch.cat([positions, new], dim=-1))
-        self.cache = runner.new_cache(keep.shape[0], keep.shape[1])
-        self.step_mask = additive(keep, runner.dtype)
-
-    def prompts(self, ids, distinct, share) -> torch.Tensor:
-        mask = ready_mask(self.keep[distinct, : self.width], self.width, self.runner.dtype)
-        rope = (self.cos[distinct, : self.width], self.sin[distinct, : self.width])
-        return self.runner.forward(ids, rope, mask, cache=self.cache, share=share)[share, -1]
-
-    def token(self, ids, t: int) -> torch.Tensor:
-        column = self.width + t - 1
-        rope = (self.cos[:, column : column + 1], self.sin[:, column : column + 1])
-        return self.runner.forward(ids, rope, self.step_mask[:, None, None, : column + 1], cache=self.cache, start=column)[:, -1]

@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 
 from data.keys import stable_hash
-from solvers import algorithms, losses
+from solvers import algorithms, lora, losses
 from solvers import checkpoint as ckpt
 from solvers.causal_lm import CausalLMPolicy, pack, sequence_logprobs
 
@@ -194,7 +194,10 @@ def update(
     state = start_update(policy, examples, config, optimizer_state=optimizer_state)
     started = time.perf_counter()
     try:
-        last, ran = run_steps(state, train_step, state.policy.tokenizer, checkpoint_dir=checkpoint_dir, on_step=on_step)
+        # a LoRA model's step checkpoints hold its adapter alone (the tokenizer and base weights never change)
+        adapter = lora.is_lora(state.module)
+        tokenizer, load = (None, lora.load_weights) if adapter else (state.policy.tokenizer, None)
+        last, ran = run_steps(state, train_step, tokenizer, checkpoint_dir=checkpoint_dir, on_step=on_step, load=load)
     finally:
         finish_update(state)
     tokens = sum(h["perf/tokens_per_s"] * h["perf/step_s"] for h in ran)

@@ -26,7 +26,6 @@ from solvers.causal_lm import (
     tiny_policy,
     token_logprobs,
 )
-from solvers.lean_forward import LeanForward
 from solvers.mixture_sampling import choose_tokens, decode
 from solvers.policy import Policy
 
@@ -174,8 +173,8 @@ def test_decode_uses_the_kv_cache_and_matches_a_full_forward(kind):
     hook = model.base_model.register_forward_pre_hook(lambda module, args, kwargs: widths.append(kwargs.get("input_ids", args[0] if args else None).shape[1]), with_kwargs=True)
     prompt_ids = policy.encode_prompts(PROMPTS)
     uniforms = torch.rand(len(PROMPTS), 9, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    try:  # the model's own forward (a hooked model would not take the lean one anyway): tests/test_lean_forward.py compares the two
-        out = decode([model], [1.0], prompt_ids, uniforms, stop_ids={1}, pad_id=0, lean=False)
+    try:
+        out = decode([model], [1.0], prompt_ids, uniforms, stop_ids={1}, pad_id=0)
     finally:
         hook.remove()
     assert widths[0] == max(len(p) for p in prompt_ids) and set(widths[1:]) == {1}  # the prefix is never re-read
@@ -185,23 +184,16 @@ def test_decode_uses_the_kv_cache_and_matches_a_full_forward(kind):
     torch.testing.assert_close(out.logq, out.logp)  # temperature 1, no nucleus: sampled from π itself
 
 
-@pytest.mark.parametrize("lean", [True, False])
-def test_decode_reads_a_repeated_prompt_once_and_samples_each_row_as_alone(lean, monkeypatch):
+def test_decode_reads_a_repeated_prompt_once_and_samples_each_row_as_alone():
     policy = tiny_policy()
     prompt_ids = policy.encode_prompts([PROMPTS[0], PROMPTS[1], PROMPTS[0], PROMPTS[0]])
     uniforms = torch.rand(4, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     batch_rows = []
-    if lean:  # rows of each call of the lean forward
-        forward = LeanForward.forward
-        monkeypatch.setattr(LeanForward, "forward", lambda self, ids, *a, **k: batch_rows.append(ids.shape[0]) or forward(self, ids, *a, **k))
-        hook = None
-    else:
-        hook = policy.model.base_model.register_forward_pre_hook(lambda module, args, kwargs: batch_rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    hook = policy.model.base_model.register_forward_pre_hook(lambda module, args, kwargs: batch_rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
     try:
-        together = decode([policy.model], [1.0], prompt_ids, uniforms, stop_ids={1}, pad_id=0, lean=lean)
+        together = decode([policy.model], [1.0], prompt_ids, uniforms, stop_ids={1}, pad_id=0)
     finally:
-        if hook is not None:
-            hook.remove()
+        hook.remove()
     assert batch_rows[0] == 2 and set(batch_rows[1:]) == {4}  # two distinct prompts read, four rows decoded
     alone = [decode([policy.model], [1.0], [p], uniforms[i : i + 1], stop_ids={1}, pad_id=0) for i, p in enumerate(prompt_ids)]
     assert together.tokens == [a.tokens[0] for a in alone] and len({tuple(t) for t in together.tokens}) == 4

@@ -59,3 +59,35 @@ def test_a_one_round_campaign_on_smollm2(smollm2, prefect_harness, monkeypatch):
     responses = store.read("responses")
     assert responses["text"].str.strip().astype(bool).any()
     assert (smollm2.v0.parent / "v1.json").exists()
+
+
+@pytest.mark.slow
+def test_a_lora_round_on_smollm2_stores_an_adapter_on_the_converted_base(smollm2, prefect_harness, tmp_path, monkeypatch):
+    import shutil
+
+    from pipelines import flows
+    from pipelines.config import parse_config
+    from pipelines.versions import load_policy
+    from pipelines.world import World
+    from solvers import lora
+
+    # a new store that starts from the session's converted v0 (copied), with a small adapter on q and v
+    checkpoints = tmp_path / "store" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    shutil.copytree(smollm2.v0, checkpoints / "v0")
+    shutil.copy(smollm2.v0.parent / "v0.json", checkpoints / "v0.json")
+    raw = smollm2.config.model_dump(exclude_unset=True)
+    raw["store"] = str(tmp_path / "store")
+    raw["policy"]["lora"] = {"r": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj"]}
+    config = parse_config(raw)
+    monkeypatch.setattr(model_sources, "load_gguf", lambda *a, **k: pytest.fail("dequantized the GGUF file again"))
+    flows.alignment_campaign(config)
+
+    store = Store(config.store)
+    assert list(rounds_table(store)["round"]) == [1]
+    assert json.loads((checkpoints / "v1.json").read_text())["base"] == "v0"
+    size = {v: sum(f.stat().st_size for f in (checkpoints / v).rglob("*") if f.is_file()) for v in ("v0", "v1")}
+    assert lora.is_adapter_folder(checkpoints / "v1") and size["v1"] < size["v0"] / 50, size
+    v1 = load_policy(store, "v1", config, World(config))
+    assert lora.is_lora(v1.model) and v1.model.config.num_hidden_layers == 30
+    print(f"v0 {size['v0'] / 1e6:.1f} MB, v1 (adapter r=4 on q, v) {size['v1'] / 1e6:.2f} MB")
