@@ -100,6 +100,13 @@ def checkpoint_folder(store: Store, version: str, tmp: str) -> str:
     return local_folder(store, checkpoint_dir(version), tmp)
 
 
+def served_folder(store: Store, version: str, tmp: str) -> str:
+    """The local model folder a sampling server is started on for ``version``: the one place that
+    decides it (today the version's checkpoint folder; a version stored as an adapter would need a
+    merged folder here)."""
+    return checkpoint_folder(store, version, tmp)
+
+
 def local_folder(store: Store, relpath: str, tmp: str) -> str:
     """The store's folder ``relpath`` on local disk: itself when the store is local, else copied into ``tmp``."""
     if store.is_local:
