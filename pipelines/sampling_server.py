@@ -41,8 +41,8 @@ class ServerStartError(RuntimeError):
 def version_sampler(store: Store, config: CampaignConfig, world: World, version: str) -> Iterator:
     """A Policy that samples ``version`` as the config says, for the duration of the block."""
     policy = load_policy(store, version, config, world)
-    choice = config.policy.sampler
-    if choice.kind == "local":
+    choice = getattr(config.policy, "sampler", None)  # a tabular policy has no choice
+    if choice is None or choice.kind == "local":
         yield policy
         return
     from solvers.openai_sampler import OpenAISampler  # the openai package: only for a server

@@ -114,9 +114,11 @@ def test_trusted_server_logprobs_are_stored_and_missing_ones_refused():
 def test_a_campaign_samples_from_the_users_server_by_version_name(tmp_path, prefect_harness, monkeypatch):
     key = "sk-sampler-key-never-stored"
     monkeypatch.setenv("NASHFLOW_TEST_SAMPLER_KEY", key)
-    with StubServer(StubConfig(api_key=key, max_choices=1)) as server:  # it answers chat requests only
+    # it answers chat requests only, alternately B and A (its k-th draw over all requests): one request in
+    # flight gives each prompt two different answers, so the round has pairs to judge
+    with StubServer(StubConfig(api_key=key, max_choices=1)) as server:
         server.keep_bodies = True
-        config = campaign(tmp_path, {"kind": "server", "base_url": server.base_url, "api_key_env": "NASHFLOW_TEST_SAMPLER_KEY", "max_concurrency": 2, "endpoint": "chat"})
+        config = campaign(tmp_path, {"kind": "server", "base_url": server.base_url, "api_key_env": "NASHFLOW_TEST_SAMPLER_KEY", "max_concurrency": 1, "endpoint": "chat"})
         flows.alignment_campaign(config)
     store = Store(config.store)
     responses = train_responses(store)
