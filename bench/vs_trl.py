@@ -1,6 +1,7 @@
 """Seconds per judged pair of one whole online round, ours against TRL's OnlineDPOTrainer. One JSON line.
 
     python bench/vs_trl.py [--prompts 8] [--steps 10] [--repeats 3] [--max-new-tokens 16] [--loss dpo] [--threads 1]
+    python bench/vs_trl.py --model FOLDER [--steps 3] [--repeats 2] …   # a real model (e.g. SmolLM2 converted from its package)
 
 Needs the ``bench`` extra (``pip install -e '.[bench]'``: trl>=1.16, where OnlineDPOTrainer lives in
 ``trl.experimental.online_dpo``). Without TRL, or when its trainer cannot run here, the line still
@@ -17,7 +18,9 @@ One step on each side = ``--prompts`` prompts × 2 samples = ``--prompts`` judge
   reward function (TRL 1.16 takes ``reward_funcs``, no pairwise judge: see ``pairwise_rule_reward``),
   policy and reference forward, the sigmoid DPO loss, backward, AdamW step.
 
-Same tiny random Llama and byte-level tokenizer (``tiny_causal_lm``, same seed, copies), same prompts,
+Same model on both sides (the tiny random Llama and byte-level tokenizer of ``tiny_causal_lm``, or
+``--model FOLDER``: a saved causal LM and its tokenizer; prompts as plain text on both sides, no chat
+template, so both feed the model the same tokens), same seed, copies, same prompts,
 batch, new-token cap, temperature 1, no top-k/top-p, β, learning rate (constant), gradient clipping.
 Both sides are warmed up with ``--warmup`` steps that are not timed; TRL is timed from the end of one
 step to the end of the next with a trainer callback, so its one-off setup (Trainer construction,
@@ -48,7 +51,7 @@ import torch  # noqa: E402
 from oracles.protocol import Pair  # noqa: E402
 from oracles.text_world import TextWorldOracle, text_world_prompts  # noqa: E402
 from solvers import algorithms  # noqa: E402
-from solvers.causal_lm import CausalLMConfig, CausalLMPolicy, tiny_causal_lm  # noqa: E402
+from solvers.causal_lm import CausalLMConfig, CausalLMPolicy, load_model, tiny_causal_lm  # noqa: E402
 from solvers.trainer import Example, TrainerConfig, update  # noqa: E402
 
 
@@ -64,6 +67,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default=None, help="a model folder (save_pretrained + tokenizer) instead of the tiny random model")
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--skip-trl", action="store_true")
@@ -71,6 +75,9 @@ def parse_args(argv=None):
 
 
 def make_model(args):
+    """A fresh (model, tokenizer): each side trains its own copy."""
+    if args.model:
+        return load_model(args.model, device="cpu", dtype="float32")
     return tiny_causal_lm(seed=args.seed, hidden=args.hidden, layers=args.layers)
 
 
@@ -128,7 +135,7 @@ def our_round(policy: CausalLMPolicy, reference: CausalLMPolicy, oracle: TextWor
 
 def time_ours(args, prompts: list[str]) -> dict:
     model, tokenizer = make_model(args)
-    config = CausalLMConfig(temperature=1.0, top_p=1.0, max_new_tokens=args.max_new_tokens, batch_size=2 * len(prompts), device="cpu", dtype="float32")
+    config = CausalLMConfig(temperature=1.0, top_p=1.0, max_new_tokens=args.max_new_tokens, batch_size=2 * len(prompts), device="cpu", dtype="float32", use_chat_template=False)
     policy = CausalLMPolicy(model, tokenizer, config)
     reference = CausalLMPolicy(copy.deepcopy(model).eval(), tokenizer, config)
     for p in reference.model.parameters():
@@ -289,7 +296,7 @@ def main(argv=None) -> dict:
     else:
         line["trl_error"] = trl_error
     line["settings"] = {
-        "model": f"tiny_causal_lm(hidden={args.hidden}, layers={args.layers}), byte-level tokenizer, fp32, cpu",
+        "model": f"{args.model}, fp32, cpu" if args.model else f"tiny_causal_lm(hidden={args.hidden}, layers={args.layers}), byte-level tokenizer, fp32, cpu",
         "prompts_per_step": args.prompts,
         "samples_per_prompt": 2,
         "pairs_per_step": args.prompts,

@@ -69,6 +69,54 @@ class LoraPolicySettings(Strict):
         "all-linear", description="names of the linear modules that get an adapter (e.g. [q_proj, v_proj]), or 'all-linear': every linear layer but the output head"
     )
 
+class LocalSamplerConfig(Strict):
+    """Sampling in the stage's own process (``CausalLMPolicy.sample``)."""
+
+    kind: Literal["local"] = "local"
+
+
+class ServerSamplerConfig(Strict):
+    """Sampling through an OpenAI-compatible server (solvers/openai_sampler.py): one the sample stage
+    starts on the round's checkpoint (``command``) and stops after, or one the user runs (``base_url``).
+    The local policy still renders prompts, tokenizes the responses and, unless ``trust_server_logprobs``,
+    scores them for the log-prob cache."""
+
+    kind: Literal["server"] = "server"
+    command: str | None = Field(
+        None,
+        description="a shell command the sample stage runs on a free loopback port, e.g. 'vllm serve {checkpoint} --port {port} --served-model-name policy'; "
+        "{checkpoint}: the version's local model folder, {port}: the port it must listen on (127.0.0.1)",
+    )
+    base_url: str | None = Field(None, description="a server the user runs, e.g. http://10.0.0.5:8000/v1; it must serve each policy version under the model name `model`")
+    model: str | None = Field(
+        None,
+        description="the model name sent with each request; {checkpoint} and {version} are filled in; default '{checkpoint}' with `command` (the name vLLM and transformers serve give a folder), '{version}' (v0, v1, …) with `base_url`",
+    )
+    api_key_secret: str | None = Field(None, description="base_url: a Prefect Secret block holding the server's key")
+    api_key_env: str | None = Field("OPENAI_API_KEY", description="base_url: environment variable holding the key (used when no block is found; none set: no key)")
+    endpoint: Literal["auto", "chat", "completions"] = Field("auto", description="auto: chat when the tokenizer has a chat template, else completions with the rendered prompt")
+    choices_per_request: int | None = Field(None, ge=1, description="None: ask for all k samples of a prompt at once (n=k); the sampler asks again while a server returns fewer")
+    max_concurrency: int = Field(16, ge=1, description="requests in flight; 1 for a server that seeds its whole process per request (transformers serve)")
+    timeout_s: float = Field(300.0, gt=0, description="per request")
+    max_retries: int = Field(2, ge=0, description="the HTTP client's retries of a request (the task retries the stage after that)")
+    startup_timeout_s: float = Field(600.0, gt=0, description="command: how long to wait for the started server to answer /v1/models")
+    trust_server_logprobs: bool = Field(
+        False, description="store the sum of the server's per-token log-probs instead of scoring each response locally (they must be untempered log π: vLLM --logprobs-mode raw_logprobs); refused when the server returns none"
+    )
+
+    @model_validator(mode="after")
+    def _one_server(self):
+        if (self.command is None) == (self.base_url is None):
+            raise ValueError("give exactly one of command (a server the sample stage starts) or base_url (a server you run)")
+        if self.command is not None:
+            missing = [p for p in ("{checkpoint}", "{port}") if p not in self.command]
+            if missing:
+                raise ValueError(f"command must contain {' and '.join(missing)}: the stage fills in the version's model folder and a free port")
+        return self
+
+
+SamplerConfig = Annotated[LocalSamplerConfig | ServerSamplerConfig, Field(discriminator="kind")]
+
 
 class CausalLMPolicyConfig(Strict):
     """A transformers causal LM, updated by the solver's loss with the trainer."""
@@ -84,6 +132,7 @@ class CausalLMPolicyConfig(Strict):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     too_long: Literal["truncate", "refuse"] = Field("truncate", description="a prompt longer than the context: truncate with a warning, or stop")
     device: str = Field("auto", description="'auto': CUDA when present, else CPU")
+    sampler: SamplerConfig = Field(LocalSamplerConfig(), description="how the sample stage draws the round's training responses: in process (local), or through an OpenAI-compatible server")
     lora: LoraPolicySettings | None = Field(None, description="train a LoRA adapter (r, alpha, dropout, target_modules) instead of the whole model; None: full fine-tuning")
 
     @model_validator(mode="before")
@@ -435,6 +484,10 @@ class CampaignConfig(Strict):
                 for name in algorithm.tabular_fields
                 if name in solver.model_fields_set
             ]
+        if not tabular and self.policy.sampler.kind == "server" and algorithm.opponent == "mixture":
+            raise ValueError(
+                f"policy.sampler: {algorithm.name} samples its opponents token by token from the mixture π^(1−m) μ^m of two models, which a server cannot do; use sampler kind: local"
+            )
         if "mixture_weight" in self.sampling.model_fields_set and (tabular or algorithm.opponent != "mixture"):
             unread.append(("sampling.mixture_weight", "only causal-LM Nash-MD samples opponents from the geometric mixture"))
         if unread:
@@ -463,11 +516,14 @@ def parse_config(raw: dict, *, source: str = "config") -> CampaignConfig:
         raise ConfigError("\n".join(f"{source}: {_where(err['loc'])}{_message(err)}" for err in e.errors())) from None
 
 
+_KIND_TAGS = {(("policy",), "causal_lm"), (("policy",), "tabular"), (("sampler",), "local"), (("sampler",), "server")}  # union tags pydantic puts in a path
+
+
 def _where(loc: tuple) -> str:
     """``path: ``, the field's path as the user wrote it (without the discriminator's tag:
     ``solver.beta``, not ``solver.inpo.beta``); empty for a whole-config check, whose message names
     its fields."""
-    parts = [str(p) for i, p in enumerate(loc) if not (i == 1 and loc[0] == "solver" and p in algorithms.ALGORITHMS)]
+    parts = [str(p) for i, p in enumerate(loc) if not (i == 1 and loc[0] == "solver" and p in algorithms.ALGORITHMS) and (loc[i - 1 : i], p) not in _KIND_TAGS]
     return ".".join(parts) + ": " if parts else ""
 
 

@@ -22,7 +22,8 @@ from pipelines.gpu import gpu_slot, policy_runs_model
 from pipelines.oracle_factory import build_oracle, campaign_oracle_ids, oracle_is_queued, oracle_runs_model
 from pipelines.progress import reporter
 from pipelines.retrying import worth_retrying
-from pipelines.versions import load_policy, version, work_dir
+from pipelines.sampling_server import version_sampler
+from pipelines.versions import load_policy, mixture_version, version, work_dir
 from pipelines.world import World
 
 
@@ -41,8 +42,11 @@ def sample_task(config: CampaignConfig, round: int, phase: str) -> dict:
     store, world, started = Store(config.store), World(config), time.perf_counter()
     v = _sampler_version(config, round, phase)
     k = config.sampling.samples_per_prompt
-    with gpu_slot(policy_runs_model(config)):
-        policy = load_policy(store, v, config, world)
+    labels = [v, mixture_version(v)] if _against_mixture(config) else [v]
+    if not any(stages.unsampled(store, world.prompts, round=round, label=label) for label in labels):  # a resumed round: no model, no server
+        get_run_logger().info("round %d %s: %s's responses are already stored", round, phase, v)
+        return {"sampled": 0, "already_stored": len(labels) * len(world.prompts) * k}
+    with gpu_slot(policy_runs_model(config)), version_sampler(store, config, world, v) as policy:  # a server's model runs on the GPU too
         out = stages.sample_responses(store, policy, world.prompts, round=round, policy_version=v, k=k, seed=config.seed)
         if _against_mixture(config):  # Nash-MD's opponents, from the geometric mixture of π_t and μ
             reference = policy if v == "v0" else load_policy(store, "v0", config, world)  # round 1 samples from μ itself

@@ -29,21 +29,38 @@ def register_prompts(store: Store, world: World) -> int:
     return len(store.write("prompts", world.prompt_rows()))
 
 
+PROMPTS_PER_WRITE = 256  # sample_responses stores each such chunk of prompts at once: a crash loses at most one
+
+
 def sample_responses(store: Store, policy, prompts: list[str], *, round: int, policy_version: str, k: int, seed: int, mixture=None) -> dict:
-    """k responses per prompt from ``policy``, written with their log-probs. Prompts that already have
-    this version's responses in this round are not sampled again.
+    """k responses per prompt from ``policy``, written with their log-probs, ``PROMPTS_PER_WRITE``
+    prompts at a time. Prompts that already have this version's responses in this round are not
+    sampled again (sample j of a prompt depends only on the seed, the prompt and j, so a resumed
+    stage draws what an uninterrupted one would have).
 
     ``mixture=(reference, m)``: Nash-MD's opponents instead, y' ~ π^{1−m} μ^m token by token, stored
     under ``mixture_version(policy_version)``; their log-probs are still log π(y'|x) of ``policy_version``."""
     label = mixture_version(policy_version) if mixture else policy_version
-    done = set(store.read("responses", rounds=[round], columns=["prompt_id", "policy_version"]).query("policy_version == @label")["prompt_id"])
-    todo = [p for p in prompts if prompt_id(p) not in done]
-    if not todo:
-        return {"sampled": 0, "already_stored": len(prompts) * k}
+    todo = unsampled(store, prompts, round=round, label=label)
     seed = int(stable_hash(seed, round, policy_version, length=4), 16)
-    samples = policy.sample_mixture(mixture[0], todo, k, m=mixture[1], seed=seed) if mixture else policy.sample(todo, k, seed=seed)
+    sampled = 0
+    for start in range(0, len(todo), PROMPTS_PER_WRITE):
+        chunk = todo[start : start + PROMPTS_PER_WRITE]
+        samples = policy.sample_mixture(mixture[0], chunk, k, m=mixture[1], seed=seed) if mixture else policy.sample(chunk, k, seed=seed)
+        sampled += _store_samples(store, policy, chunk, samples, round=round, label=label, policy_version=policy_version)
+    return {"sampled": sampled, "already_stored": (len(prompts) - len(todo)) * k}
+
+
+def unsampled(store: Store, prompts: list[str], *, round: int, label: str) -> list[str]:
+    """The prompts with no responses of ``label`` (a version, or its mixture's label) in ``round`` yet."""
+    done = set(store.read("responses", rounds=[round], columns=["prompt_id", "policy_version"]).query("policy_version == @label")["prompt_id"])
+    return [p for p in prompts if prompt_id(p) not in done]
+
+
+def _store_samples(store: Store, policy, prompts: list[str], samples: list, *, round: int, label: str, policy_version: str) -> int:
+    """Write the samples of ``prompts`` under ``label`` with their log-probs under ``policy_version``."""
     responses, logprobs = [], []
-    for prompt, group in zip(todo, samples):
+    for prompt, group in zip(prompts, samples):
         pid = prompt_id(prompt)
         for slot, s in enumerate(group):
             rid = response_id(pid, label, round, slot)
@@ -54,14 +71,14 @@ def sample_responses(store: Store, policy, prompts: list[str], *, round: int, po
     scored = {lp["response_id"] for lp in logprobs}
     unscored = [r for r in responses if r["response_id"] not in scored]
     if unscored:  # the sampler could not give log π(y|x) on the way: score once, now
-        by_id = {prompt_id(p): p for p in todo}
+        by_id = {prompt_id(p): p for p in prompts}
         logps = policy.score(
             [by_id[r["prompt_id"]] for r in unscored], [r["text"] for r in unscored], finished=[r["finish_reason"] == "stop" for r in unscored], tokens=[r["token_ids"] for r in unscored]
         )
         logprobs += [dict(response_id=r["response_id"], policy_version=policy_version, round=round, logp=lp) for r, lp in zip(unscored, logps)]
     store.write("responses", responses)
     store.write("logprobs", logprobs)
-    return {"sampled": len(responses), "already_stored": len(done) * k}
+    return len(responses)
 
 
 def pair_responses(store: Store, *, round: int, policy_version: str, strategy: str, skip_identical: bool, seed: int) -> list[Pair]:

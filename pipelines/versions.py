@@ -107,6 +107,20 @@ def checkpoint_folder(store: Store, version: str, tmp: str) -> str:
     return local_folder(store, checkpoint_dir(version), tmp)
 
 
+def served_folder(store: Store, version: str, tmp: str) -> str:
+    """The local model folder a sampling server is started on for ``version``: its checkpoint folder, or
+    for a version stored as an adapter its base with the adapter merged in (written under ``tmp``), since
+    a server loads a plain model."""
+    from solvers import lora  # torch: a server samples a causal LM only
+
+    folder = checkpoint_folder(store, version, os.path.join(tmp, "version"))
+    if lora.is_adapter_folder(folder):
+        merged = os.path.join(tmp, "merged")
+        lora.save_merged(checkpoint_folder(store, base_version(store, version), os.path.join(tmp, "base")), folder, merged)
+        return merged
+    return folder
+
+
 def local_folder(store: Store, relpath: str, tmp: str) -> str:
     """The store's folder ``relpath`` on local disk: itself when the store is local, else copied into ``tmp``."""
     if store.is_local:

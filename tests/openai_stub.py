@@ -34,7 +34,8 @@ first slot by ``position_bias``. So a debiased judge recovers s_a / (s_a + s_b) 
 A plain asyncio HTTP/1.1 server (keep-alive, Content-Length bodies) rather than a web framework: it costs
 little CPU, so a throughput benchmark measures the client, and it can misbehave at the socket level.
 Run it in a thread (``with StubServer(...) as s: s.base_url``) or as a process
-(``python tests/openai_stub.py --latency 0.1`` prints ``PORT <n>`` and serves until killed).
+(``python tests/openai_stub.py --latency 0.1`` prints ``PORT <n>`` and serves until killed; ``--die-after N``
+makes it exit mid-round, as a sampling server that crashes).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ import email.parser
 import email.policy
 import json
 import math
+import os
 import re
 import sys
 import threading
@@ -81,6 +83,7 @@ class StubConfig:
     api_key: str | None = None  # when set, other keys get a 401
     batch_delay_s: float = 0.0  # a batch completes this long after it was created
     expire_batches: int = 0  # the first this many batches expire with half of their lines answered
+    die_after: int | None = None  # the process exits when chat request die_after + 1 arrives (a server dying mid-round)
 
 
 @dataclass
@@ -206,6 +209,8 @@ class StubServer:
         path = target.split("?", 1)[0]
         if method == "GET" and path.endswith("/health"):
             return 200, {"ok": True}, {}
+        if method == "GET" and path.endswith("/v1/models"):
+            return 200, {"object": "list", "data": [{"id": "stub", "object": "model", "created": 0, "owned_by": "tests"}]}, {}
         batch_api = "/files" in path or "/batches" in path
         if not batch_api and (method != "POST" or not path.endswith("/chat/completions")):
             return 404, {"error": {"message": f"no route {method} {path}", "type": "not_found"}}, {}
@@ -219,6 +224,8 @@ class StubServer:
         if batch_api:
             return await self._batch_api(method, path, target, headers, body)
         req = json.loads(body)
+        if self.config.die_after is not None and self.chats["online"] >= self.config.die_after:
+            os._exit(17)
         if self.keep_bodies:
             self.bodies.append(req)
         return await self._chat(req)
@@ -421,8 +428,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--latency", type=float, default=0.0)
     ap.add_argument("--position-bias", type=float, default=0.0)
     ap.add_argument("--no-logprobs", action="store_true")
+    ap.add_argument("--max-choices", type=int, default=None)
+    ap.add_argument("--die-after", type=int, default=None, help="exit when chat request N + 1 arrives ...")
+    ap.add_argument("--once", default=None, help="... only if this file does not exist yet (it is created): dies in its first life only")
+    ap.add_argument("--model", default=None, help="ignored (a sampling server's command names its checkpoint)")
     args = ap.parse_args(argv)
-    stub = StubServer(StubConfig(latency_s=args.latency, position_bias=args.position_bias, logprobs=not args.no_logprobs),
+    die_after = args.die_after
+    if die_after is not None and args.once:
+        die_after = None if os.path.exists(args.once) else die_after
+        open(args.once, "a").close()
+    stub = StubServer(StubConfig(latency_s=args.latency, position_bias=args.position_bias, logprobs=not args.no_logprobs, max_choices=args.max_choices, die_after=die_after),
                       port=args.port)
 
     async def run():

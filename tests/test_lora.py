@@ -140,7 +140,7 @@ def test_a_lora_campaign_stores_adapters_and_exports_a_merged_model(tmp_path, pr
     from data.rounds import rounds_table
     from pipelines import flows, lm_update
     from pipelines.config import default_config_path, load_config
-    from pipelines.versions import export_model, load_policy
+    from pipelines.versions import export_model, load_policy, served_folder
     from pipelines.world import World
 
     # MNPO with H = 2 reads π_{t−1}: round 3 scores v1, an adapter, on v2's base
@@ -184,6 +184,11 @@ def test_a_lora_campaign_stores_adapters_and_exports_a_merged_model(tmp_path, pr
     with torch.inference_mode():
         torch.testing.assert_close(merged.model(input_ids=ids).logits, v3.model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
         assert not torch.allclose(merged.model(input_ids=ids).logits, load_policy(store, "v0", config, world).model(input_ids=ids).logits)
+    # a sampling server is started on the same merged model (a server loads no adapter)
+    served = CausalLMPolicy.load(served_folder(store, "v3", str(tmp_path / "serve")))
+    with torch.inference_mode():
+        torch.testing.assert_close(served.model(input_ids=ids).logits, merged.model(input_ids=ids).logits, rtol=0, atol=0)
+    assert served_folder(store, "v0", str(tmp_path / "serve-v0")) == str(checkpoints / "v0")
     # a whole-model version is copied, without its optimizer state; an existing folder is refused
     export_model(store, "v0", str(tmp_path / "v0-copy"))
     assert {f.name for f in (tmp_path / "v0-copy").iterdir()} == {f.name for f in (checkpoints / "v0").iterdir()} - {ckpt.TRAINER_STATE}
