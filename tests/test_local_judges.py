@@ -221,3 +221,61 @@ def test_fingerprint_follows_the_files(tmp_path):
     assert fingerprint(str(tmp_path / "rm")) != before
     with pytest.raises(ModelLoadError, match="no such model folder or file"):
         fingerprint(str(tmp_path / "missing"))
+
+
+@pytest.fixture(scope="module")
+def saved_judges(tmp_path_factory):
+    """A tiny causal LM (with a chat template) and a tiny classifier, saved as checkpoint folders."""
+    root = tmp_path_factory.mktemp("judges")
+    model, tok = tiny_causal_lm(seed=1, chat_template=TINY_CHAT_TEMPLATE, context=2048, hidden=32)
+    model.save_pretrained(root / "lm")
+    tok.save_pretrained(root / "lm")
+    model, tok = tiny_classifier()
+    model.save_pretrained(root / "clf")
+    tok.save_pretrained(root / "clf")
+    return root
+
+
+def campaign(tmp_path, oracle: dict, **more):
+    from pipelines.config import parse_config
+
+    return parse_config({"name": "local", "store": str(tmp_path / "store"), "rounds": 1, "prompts": {"source": "text_world", "limit_train": 2, "limit_eval": 1},
+                         "policy": {"kind": "causal_lm"}, "oracle": oracle, "solver": {"algorithm": "inpo"}, **more})
+
+
+@pytest.mark.parametrize("kind,folder", [("pairwise_lm", "lm"), ("reward_model", "clf"), ("pairwise_classifier", "clf")])
+def test_the_factory_builds_each_kind_with_the_id_it_announces(saved_judges, tmp_path, kind, folder):
+    from pipelines.oracle_factory import oracle_spec
+    from pipelines.world import World
+
+    config = campaign(tmp_path, {"kind": kind, "model": str(saved_judges / folder), "device": "cpu"})
+    spec = oracle_spec(config.oracle, config, World(config))
+    assert spec.runs_model and spec.oracle_id.startswith(f"{kind}:")
+    assert fingerprint(str(saved_judges / folder))[:12] in spec.oracle_id  # the checkpoint's content hash names it
+    oracle = spec.build()
+    assert oracle.oracle_id == spec.oracle_id
+    pairs = all_pairs()[:2]
+    if kind == "reward_model":  # its scores go to the store: the responses must be there
+        store = Store(config.store)
+        ids = seed_responses(store, PROMPTS[0], ANSWERS[PROMPTS[0]][:2], round=1)
+        pid = store.read("prompts")["prompt_id"][0]
+        pairs = [Pair(pid, PROMPTS[0], ids[0], ANSWERS[PROMPTS[0]][0], ids[1], ANSWERS[PROMPTS[0]][1])]
+    assert all(0 <= j.p_a <= 1 for j in oracle.judge(pairs))
+
+
+def test_a_cascade_takes_a_local_judge_and_reads_its_two_orders(saved_judges, tmp_path):
+    from oracles.cascade import OrdersAgree
+    from pipelines.preference_models import judge_accept
+
+    cascade = {"kind": "cascade", "judge": {"kind": "pairwise_lm", "model": str(saved_judges / "lm")}, "people": True}
+    config = campaign(tmp_path, cascade, humans={"share": 0.0})
+    assert isinstance(judge_accept(config.oracle), OrdersAgree)  # people get the pairs whose two orders disagree
+
+
+def test_bad_local_judge_settings_are_refused_naming_the_field(tmp_path):
+    from pipelines.config import ConfigError
+
+    with pytest.raises(ConfigError, match="oracle.pairwise_lm.temperature"):
+        campaign(tmp_path, {"kind": "pairwise_lm", "model": "m", "temperature": 1.0})
+    with pytest.raises(ConfigError, match="oracle.reward_model.temperature: Input should be greater than 0"):
+        campaign(tmp_path, {"kind": "reward_model", "model": "m", "temperature": 0})
