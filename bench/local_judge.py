@@ -4,7 +4,8 @@
     python bench/local_judge.py [--model smollm2|FOLDER|FILE.gguf] [--threads 2] [--repeats 3] [--smoke]
 
 The workload: the first ``--prompts`` prompts of examples/prompts/instructions.jsonl, ``--responses``
-hand-written answers each (one to three sentences), every ordered pair of them (k(k−1) per prompt).
+hand-written answers each (one to three sentences), each unordered pair of them once (k(k−1)/2 per
+prompt, the default pairing ``all_pairs``).
 
 - ``pairs_per_s``: ``PairwiseLMOracle`` on ``PairwiseLM``: both orders of all pairs batched by length,
   each prompt's common prefix encoded once (``share_prefix``), only the last position's logits.
@@ -14,7 +15,10 @@ hand-written answers each (one to three sentences), every ordered pair of them (
   ``model(input_ids).logits[0, -1]``, as a first script would do.
 - ``http_pairs_per_s``: ``LLMJudge`` (both orders, greedy, ``max_tokens`` 2) against ``transformers
   serve`` on the same weights, on the first ``--http-pairs`` pairs (it is slow); null with ``--no-http``.
-- ``speedup_vs_naive`` = pairs_per_s / naive_pairs_per_s (goal ≥ 3 on a CPU). ``agreement_naive``: the
+- ``both_orders_pairs_per_s``: the local judge on the ``both_orders`` pairing of the same answers
+  (every pair also as (b, a)): twice the pairs, the same conversations, each read once.
+- ``speedup_vs_naive`` = pairs_per_s / naive_pairs_per_s (goal ≥ 3 on a CPU); ``both_orders_speedup_vs_naive``
+  the same for the both_orders workload (the naive loop's rate per pair does not depend on the pairing). ``agreement_naive``: the
   largest |ΔP(a ≻ b)| between the batched and the naive answers (float rounding only).
 
 The local variants run interleaved, ``--repeats`` times each after a warm-up; each figure is the median.
@@ -55,13 +59,19 @@ ANSWERS = [
 ]
 
 
-def workload(prompts: int, responses: int) -> list[Pair]:
+def workload(prompts: int, responses: int, *, both_orders: bool = False) -> list[Pair]:
+    """Each unordered pair of a prompt's answers once, in an alternating order (the default pairing,
+    ``all_pairs``), or in both orders (``both_orders``)."""
     rows = [json.loads(line) for line in (ROOT / "examples" / "prompts" / "instructions.jsonl").read_text().splitlines() if line.strip()]
     texts = [r["prompt"] for r in rows if isinstance(r["prompt"], str)][:prompts]
     pairs = []
     for p, prompt in enumerate(texts):
-        xs = ANSWERS[:responses]
-        pairs += [Pair(f"p{p}", prompt, f"p{p}r{i}", x, f"p{p}r{j}", y) for i, x in enumerate(xs) for j, y in enumerate(xs) if i != j]
+        xs = list(enumerate(ANSWERS[:responses]))
+        for n, ((i, x), (j, y)) in enumerate((u, v) for u in xs for v in xs if u[0] < v[0]):
+            (i, x), (j, y) = ((i, x), (j, y)) if n % 2 == 0 or both_orders else ((j, y), (i, x))
+            pairs.append(Pair(f"p{p}", prompt, f"p{p}r{i}", x, f"p{p}r{j}", y))
+            if both_orders:
+                pairs.append(Pair(f"p{p}", prompt, f"p{p}r{j}", y, f"p{p}r{i}", x))
     return pairs
 
 
@@ -149,11 +159,12 @@ def main() -> None:
             model_name = args.model
         folder = args.model if Path(args.model).is_dir() and not args.smoke else str(Path(tmp) / "model")
         pairs = workload(args.prompts, args.responses)
+        both = workload(args.prompts, args.responses, both_orders=True)
         local = {name: PairwiseLMOracle(PairwiseLM(model, tokenizer, fingerprint="bench", share_prefix=share)) for name, share in (("shared", True), ("whole", False))}
         naive_p = naive(model, tokenizer, local["shared"], pairs[:2])  # warm-up
         for oracle in local.values():
             oracle.judge(pairs[:2])
-        seconds: dict[str, list[float]] = {"shared": [], "whole": [], "naive": []}
+        seconds: dict[str, list[float]] = {"shared": [], "whole": [], "naive": [], "both_orders": []}
         answers = {}
         for _ in range(args.repeats):  # interleaved: a slower minute on a shared machine hits all alike
             for name, oracle in local.items():
@@ -162,7 +173,8 @@ def main() -> None:
                 answers[name] = [j.p_a for j in judged]
             s, naive_p = timed(lambda: naive(model, tokenizer, local["shared"], pairs))
             seconds["naive"].append(s)
-        rate = {k: len(pairs) / statistics.median(v) for k, v in seconds.items()}
+            seconds["both_orders"].append(timed(lambda: local["shared"].judge(both))[0])
+        rate = {k: (len(both) if k == "both_orders" else len(pairs)) / statistics.median(v) for k, v in seconds.items()}
 
         http = None
         if not args.no_http:
@@ -181,7 +193,9 @@ def main() -> None:
         "whole_pairs_per_s": round(rate["whole"], 3),
         "naive_pairs_per_s": round(rate["naive"], 3),
         "http_pairs_per_s": None if http is None else round(http, 3),
+        "both_orders_pairs_per_s": round(rate["both_orders"], 3),
         "speedup_vs_naive": round(rate["shared"] / rate["naive"], 2),
+        "both_orders_speedup_vs_naive": round(rate["both_orders"] / rate["naive"], 2),
         "shared_vs_whole": round(rate["shared"] / rate["whole"], 2),
         "agreement_naive": max(abs(a - b) for a, b in zip(answers["shared"], naive_p)),
         "repeats": args.repeats,

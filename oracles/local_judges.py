@@ -62,20 +62,24 @@ def _sigmoid(x: float) -> float:
 def _checked(pair: Pair, p: float, latency: float, detail: dict) -> Judgment:
     """A judgment, or an abstention with its reason when the model's number is not a probability."""
     if not (math.isfinite(p) and 0.0 <= p <= 1.0):
-        return Judgment(pair, None, n_votes=0, latency_s=latency, error=f"abstained: {detail.get('why') or f'the model gave {p!r}'}", detail=detail)
+        return Judgment(pair, None, n_votes=0, latency_s=latency, error=f"abstained: {detail.pop('why', None) or f'the model gave {p!r}'}", detail=detail)
     return Judgment(pair, p, latency_s=latency, detail=detail)
 
 
-def _local_metrics(kind: str, model, judgments: list[Judgment]) -> dict:
-    """<kind>/pairs, /abstained, /mean_margin; and what the model did since it was built: /forwards,
-    /tokens, /seconds (so ``judge_pairs``' summary shows a local judge's cost in time, not dollars)."""
+def _counters(model) -> dict:
+    return model.counters.as_dict() if hasattr(model, "counters") else {}
+
+
+def _local_metrics(kind: str, model, since: dict, judgments: list[Judgment]) -> dict:
+    """<kind>/pairs, /abstained, /mean_margin; and what the model did since ``since`` (its counters when
+    the oracle was built; a process keeps one model for many oracles): /forwards, /tokens, /seconds, so
+    ``judge_pairs``' summary shows a local judge's cost in time, not dollars."""
     answered = [j.p_a for j in judgments if j.p_a is not None]
-    counters = model.counters.as_dict() if hasattr(model, "counters") else {}
     return {
         f"{kind}/pairs": len(judgments),
         f"{kind}/abstained": len(judgments) - len(answered),
         f"{kind}/mean_margin": sum(abs(p - 0.5) for p in answered) / len(answered) if answered else None,
-        **{f"{kind}/{k}": v for k, v in counters.items() if k in ("forwards", "tokens", "seconds")},
+        **{f"{kind}/{k}": v - since.get(k, 0) for k, v in _counters(model).items() if k in ("forwards", "tokens", "seconds")},
     }
 
 
@@ -87,7 +91,8 @@ class RewardModelOracle:
             raise ValueError(f"reward_model: temperature must be > 0, got {temperature}")
         self.model, self.temperature = model, temperature
         self.scores = scores if scores is not None else MemoryScores()
-        self.oracle_id = reward_model_id(model.fingerprint, name=name, temperature=temperature)
+        self._since = _counters(model)
+        self.oracle_id = local_judge_id(REWARD_MODEL, model.fingerprint, {"temperature": temperature}, name=name)
 
     def __repr__(self) -> str:
         return f"RewardModelOracle({self.oracle_id!r})"
@@ -110,16 +115,14 @@ class RewardModelOracle:
         out = []
         for p in pairs:
             ra, rb = r[p.a_id], r[p.b_id]
-            detail = {"r_a": ra, "r_b": rb, "why": None if math.isfinite(ra - rb) else f"a reward is not finite ({ra!r}, {rb!r})"}
-            out.append(_checked(p, _sigmoid((ra - rb) / self.temperature) if math.isfinite(ra - rb) else math.nan, latency, detail))
+            if math.isfinite(ra - rb):
+                out.append(_checked(p, _sigmoid((ra - rb) / self.temperature), latency, {"r_a": ra, "r_b": rb}))
+            else:
+                out.append(_checked(p, math.nan, latency, {"why": f"a reward is not finite ({ra!r}, {rb!r})"}))
         return out
 
     def metrics(self, judgments: list[Judgment]) -> dict:
-        return _local_metrics(REWARD_MODEL, self.model, judgments)
-
-
-def reward_model_id(fingerprint: str, *, name: str, temperature: float) -> str:
-    return make_oracle_id(REWARD_MODEL, f"{name}@{fingerprint[:12]}", {"fingerprint": fingerprint, "temperature": temperature})
+        return _local_metrics(REWARD_MODEL, self.model, self._since, judgments)
 
 
 class BothOrdersOracle:
@@ -128,7 +131,8 @@ class BothOrdersOracle:
 
     def __init__(self, kind: str, model, p_first: Callable[[list[str], list[str], list[str]], list[float]], settings: dict, name: str):
         self.kind, self.model, self._p_first = kind, model, p_first
-        self.oracle_id = both_orders_id(kind, model.fingerprint, settings, name=name)
+        self._since = _counters(model)
+        self.oracle_id = local_judge_id(kind, model.fingerprint, settings, name=name)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.oracle_id!r})"
@@ -143,7 +147,7 @@ class BothOrdersOracle:
         out = []
         for k, q in enumerate(pairs):
             ab, ba = float(p[k]), float(p[n + k])
-            detail = {"orders": [{"order": "ab", "p_first": ab}, {"order": "ba", "p_first": ba}]}
+            detail = {"orders": [{"order": o, "p_first": x if math.isfinite(x) else None} for o, x in (("ab", ab), ("ba", ba))]}
             if not (math.isfinite(ab) and math.isfinite(ba)):  # one order alone would carry the position bias back in
                 detail["why"] = "the model gave no probability for an order (a sequence longer than its context?)"
             out.append(_checked(q, (ab + 1.0 - ba) / 2.0, latency, detail))
@@ -152,11 +156,13 @@ class BothOrdersOracle:
     def metrics(self, judgments: list[Judgment]) -> dict:
         """``_local_metrics``, and <kind>/first_slot_p: the mean P(first ≻ second) over both orders
         (0.5 for a judge with no position bias; both orders cancel it in P(a ≻ b) either way)."""
-        orders = [o["p_first"] for j in judgments for o in j.detail.get("orders", []) if math.isfinite(o["p_first"])]
-        return {**_local_metrics(self.kind, self.model, judgments), f"{self.kind}/first_slot_p": sum(orders) / len(orders) if orders else None}
+        orders = [o["p_first"] for j in judgments for o in j.detail.get("orders", []) if o["p_first"] is not None]
+        return {**_local_metrics(self.kind, self.model, self._since, judgments), f"{self.kind}/first_slot_p": sum(orders) / len(orders) if orders else None}
 
 
-def both_orders_id(kind: str, fingerprint: str, settings: dict, *, name: str) -> str:
+def local_judge_id(kind: str, fingerprint: str, settings: dict, *, name: str) -> str:
+    """``<kind>:<name>@<fingerprint[:12]>:<hash>``: the checkpoint readable in the store, and the hash of
+    it and of the settings that change answers (``settings``)."""
     return make_oracle_id(kind, f"{name}@{fingerprint[:12]}", {"fingerprint": fingerprint, **settings})
 
 

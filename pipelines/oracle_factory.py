@@ -156,11 +156,11 @@ def _loaded(load: Callable, source: str, fingerprint: str, **settings):
 
 
 def _reward_model(cfg, config: CampaignConfig, world: World) -> OracleSpec:
-    from oracles.local_judges import RewardModelOracle, reward_model_id
+    from oracles.local_judges import REWARD_MODEL, RewardModelOracle, local_judge_id
     from solvers.judge_models import RewardModel, fingerprint
 
     digest = fingerprint(cfg.model)
-    oracle_id = reward_model_id(digest, name="reward", temperature=cfg.temperature)
+    oracle_id = local_judge_id(REWARD_MODEL, digest, {"temperature": cfg.temperature}, name="reward")
 
     def build() -> RewardModelOracle:
         model = _loaded(RewardModel.load, cfg.model, digest, device=cfg.device, max_batch_tokens=cfg.max_batch_tokens)
@@ -171,7 +171,7 @@ def _reward_model(cfg, config: CampaignConfig, world: World) -> OracleSpec:
 
 def _pairwise_lm(cfg, config: CampaignConfig, world: World) -> OracleSpec:
     from oracles.judge_template import load_template
-    from oracles.local_judges import PAIRWISE_LM, PairwiseLMOracle, both_orders_id, pairwise_lm_settings
+    from oracles.local_judges import PAIRWISE_LM, PairwiseLMOracle, local_judge_id, pairwise_lm_settings
     from solvers.judge_models import fingerprint
     from solvers.pairwise_lm import PairwiseLM
 
@@ -181,11 +181,11 @@ def _pairwise_lm(cfg, config: CampaignConfig, world: World) -> OracleSpec:
         model = _loaded(PairwiseLM.load, cfg.model, digest, device=cfg.device, verdicts=cfg.verdicts, max_batch_tokens=cfg.max_batch_tokens, share_prefix=cfg.share_prefix)
         return PairwiseLMOracle(model, template=template)
 
-    return OracleSpec(both_orders_id(PAIRWISE_LM, digest, pairwise_lm_settings(template, cfg.verdicts), name="judge"), build, runs_model=True)
+    return OracleSpec(local_judge_id(PAIRWISE_LM, digest, pairwise_lm_settings(template, cfg.verdicts), name="judge"), build, runs_model=True)
 
 
 def _pairwise_classifier(cfg, config: CampaignConfig, world: World) -> OracleSpec:
-    from oracles.local_judges import PAIRWISE_CLASSIFIER, PairwiseClassifierOracle, both_orders_id
+    from oracles.local_judges import PAIRWISE_CLASSIFIER, PairwiseClassifierOracle, local_judge_id
     from solvers.judge_models import PairwiseClassifier, fingerprint
 
     digest = fingerprint(cfg.model)
@@ -193,7 +193,7 @@ def _pairwise_classifier(cfg, config: CampaignConfig, world: World) -> OracleSpe
     def build() -> PairwiseClassifierOracle:
         return PairwiseClassifierOracle(_loaded(PairwiseClassifier.load, cfg.model, digest, device=cfg.device, template=cfg.template, max_batch_tokens=cfg.max_batch_tokens))
 
-    return OracleSpec(both_orders_id(PAIRWISE_CLASSIFIER, digest, {"template": cfg.template}, name="classifier"), build, runs_model=True)
+    return OracleSpec(local_judge_id(PAIRWISE_CLASSIFIER, digest, {"template": cfg.template}, name="classifier"), build, runs_model=True)
 
 
 def _cascade(cfg, config: CampaignConfig, world: World) -> OracleSpec:

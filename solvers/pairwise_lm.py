@@ -9,7 +9,8 @@ both orders of each pair in the same call; P(first ≻ second) = p₁ / (p₁ + 
 probabilities renormalized over the two, as the LLM judge reads a server's top log-probs.
 
 Speed (``bench/local_judge.py``): sequences are batched by length and both orders of many pairs go in
-one forward; only the last position's logits are computed. Conversations of one ``group`` (the pairs
+one forward; only the last position's logits are computed; a sequence asked twice (the pairs (a, b)
+and (b, a) of the ``both_orders`` pairing hold the same two conversations) is read once. Conversations of one ``group`` (the pairs
 of one prompt) start with the same tokens — the template's head, the prompt — so that common prefix is
 encoded once per group and its keys and values copied to every sequence of the group
 (``LeanForward``'s shared cache rows, as sampling does for k samples of a prompt); models LeanForward
@@ -81,10 +82,13 @@ class PairwiseLM:
         conversation; NaN for one longer than the model's context. ``groups``: conversations likely to
         start alike (the pairs of one prompt); None: all in one group."""
         started = time.perf_counter()
-        ids = [self.encode(c) for c in conversations]
+        groups = [0] * len(conversations) if groups is None else list(groups)
+        # a pair asked in both orders by the pairing stage (both_orders) repeats the other pair's sequences
+        unique: dict[tuple, int] = {}
+        where = [unique.setdefault((g, tuple(self.encode(c))), len(unique)) for c, g in zip(conversations, groups)]
+        ids, groups = [list(x) for _, x in unique], [g for g, _ in unique]
         out = torch.full((len(ids), 2), float("nan"))
         fits = [i for i, x in enumerate(ids) if self.context is None or len(x) <= self.context]
-        groups = [0] * len(ids) if groups is None else list(groups)
         for batch in length_batches([len(ids[i]) for i in fits], self.max_batch_tokens):
             rows = [fits[k] for k in batch]
             if self.share_prefix:
@@ -95,7 +99,7 @@ class PairwiseLM:
             self.counters.forwards += 1
         self.counters.sequences += len(ids)
         self.counters.seconds += time.perf_counter() - started
-        return out
+        return out[where]
 
     def _whole_logits(self, seqs: list[list[int]]) -> torch.Tensor:
         """(rows, vocab): the next-token logits after each whole sequence, in one forward."""

@@ -15,7 +15,7 @@ import torch
 
 from data import Store
 from oracles.cascade import Cascade, Confident, OrdersAgree, Stage
-from oracles.local_judges import PairwiseClassifierOracle, PairwiseLMOracle, RewardModelOracle, prompt_tag, reward_model_id
+from oracles.local_judges import PairwiseClassifierOracle, PairwiseLMOracle, RewardModelOracle, local_judge_id, prompt_tag
 from oracles.protocol import Pair, orders_agree
 from solvers.causal_lm import TINY_CHAT_TEMPLATE, ModelLoadError, tiny_causal_lm
 from solvers.judge_models import PairwiseClassifier, RewardModel, fingerprint, length_batches
@@ -96,6 +96,11 @@ def test_the_shared_prefix_batch_equals_each_sequence_alone(judge_lm):
     torch.testing.assert_close(batched, alone, rtol=1e-4, atol=1e-7)
     assert shared.counters.forwards == 1 and naive.counters.forwards == len(convs)
     assert shared.counters.tokens < 0.7 * naive.counters.tokens  # the prompt's prefix was read once per group
+    # all_pairs holds (a, b) and (b, a): their conversations are the same two, each read once
+    distinct = len({repr(c) for c in convs})
+    assert distinct < len(convs) and shared.counters.sequences == distinct
+    torch.testing.assert_close(shared.verdict_probs(convs + convs[:4], groups + groups[:4]), torch.cat([alone, alone[:4]]))
+    assert shared.counters.sequences == 2 * distinct
     whole = PairwiseLM(model, tok, fingerprint="x", share_prefix=False, max_batch_tokens=10**6)
     torch.testing.assert_close(whole.verdict_probs(convs, groups), alone, rtol=1e-4, atol=1e-7)
 
@@ -175,7 +180,7 @@ def test_a_stored_score_is_never_computed_again(tmp_path):
     model, tok = tiny_classifier(seed=4)
     forwards = Forwards(model)
     rm = RewardModel(model, tok, fingerprint="s" * 32, max_batch_tokens=1)  # one response per forward: forwards count responses
-    oracle_id = reward_model_id(rm.fingerprint, name="reward", temperature=1.0)
+    oracle_id = local_judge_id("reward_model", rm.fingerprint, {"temperature": 1.0}, name="reward")
     first = RewardModelOracle(rm, scores=StoredScores(store, oracle_id))
     round1 = first.judge([pair(old[0], old[1]), pair(old[1], old[2]), pair(old[2], old[0])])
     assert forwards.n == 3 and first.oracle_id == oracle_id
