@@ -23,6 +23,15 @@ prompt, the default pairing ``all_pairs``).
 
 All variants run interleaved (the server is up throughout and idle while the others run), ``--repeats``
 times each after a warm-up; each figure is the median.
+Measured (SmolLM2-135M fp32, 1 thread on 2 cores shared with other jobs at load 3–8, Dec 2026,
+``--model <its converted folder> --prompts 1 --responses 4 --repeats 2 --threads 1 --http-pairs 3``),
+two runs: pairs_per_s 0.168 / 0.214, naive 0.113 / 0.091, speedup_vs_naive 1.48 / 2.36 (the goal of 3
+is not reached on this CPU with the default pairing), both_orders 4.41 / 4.54× naive, the shared
+prefix 1.51 / 1.94× whole sequences, http 0.103 pairs/s (second run). On a CPU the forward is compute-bound,
+so batching alone gains little (whole ≈ naive); what pays is reading fewer tokens: the template's head and
+the prompt once per prompt, and a conversation asked twice once. The ~75 instruction tokens after the
+responses (which must come last, oracles/judge_template.py) are read per sequence.
+
 ``--smoke``: a tiny random byte-level Llama built from a config (no download, seconds), 2 prompts × 3
 responses, 1 repeat: the script runs, the numbers mean nothing.
 """

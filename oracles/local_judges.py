@@ -126,10 +126,11 @@ class RewardModelOracle:
 
 
 class BothOrdersOracle:
-    """A model that reads both responses: ``p_first(prompts, firsts, seconds)`` gives P(first ≻ second)
-    per triple (NaN: it could not answer); every pair is asked in both orders in one call."""
+    """A model that reads both responses: ``p_first(prompts, firsts, seconds)`` gives, per triple,
+    P(first ≻ second) (NaN: it could not answer) and what else to keep of that order's answer; every
+    pair is asked in both orders in one call."""
 
-    def __init__(self, kind: str, model, p_first: Callable[[list[str], list[str], list[str]], list[float]], settings: dict, name: str):
+    def __init__(self, kind: str, model, p_first: Callable[[list[str], list[str], list[str]], list[tuple[float, dict]]], settings: dict, name: str):
         self.kind, self.model, self._p_first = kind, model, p_first
         self._since = _counters(model)
         self.oracle_id = local_judge_id(kind, model.fingerprint, settings, name=name)
@@ -146,8 +147,8 @@ class BothOrdersOracle:
         latency = (time.perf_counter() - started) / n
         out = []
         for k, q in enumerate(pairs):
-            ab, ba = float(p[k]), float(p[n + k])
-            detail = {"orders": [{"order": o, "p_first": x if math.isfinite(x) else None} for o, x in (("ab", ab), ("ba", ba))]}
+            (ab, ab_more), (ba, ba_more) = p[k], p[n + k]
+            detail = {"orders": [{"order": o, "p_first": x if math.isfinite(x) else None, **more} for o, x, more in (("ab", ab, ab_more), ("ba", ba, ba_more))]}
             if not (math.isfinite(ab) and math.isfinite(ba)):  # one order alone would carry the position bias back in
                 detail["why"] = "the model gave no probability for an order (a sequence longer than its context?)"
             out.append(_checked(q, (ab + 1.0 - ba) / 2.0, latency, detail))
@@ -173,11 +174,14 @@ class PairwiseLMOracle(BothOrdersOracle):
         self.template = template or load_template()
         super().__init__(PAIRWISE_LM, model, self._p_first_lm, pairwise_lm_settings(self.template, model.verdicts), name)
 
-    def _p_first_lm(self, prompts: list[str], firsts: list[str], seconds: list[str]) -> list[float]:
+    def _p_first_lm(self, prompts: list[str], firsts: list[str], seconds: list[str]) -> list[tuple[float, dict]]:
+        """p₁ / (p₁ + p₂) of the verdict tokens, renormalized over the two as the LLM judge reads top
+        log-probs; ``p_verdicts`` keeps (p₁, p₂) under the whole vocabulary: a small sum means the model
+        would not answer with a verdict at all (greedy decoding would write something else)."""
         tags = {p: prompt_tag(p) for p in prompts}
         conversations = [self.template.messages(p, a, b, tag=_tag_absent(tags[p], p, a, b)) for p, a, b in zip(prompts, firsts, seconds)]
         probs = self.model.verdict_probs(conversations, groups=prompts)
-        return (probs[:, 0] / probs.sum(dim=1)).tolist()
+        return [(p1 / (p1 + p2), {"p_verdicts": [p1, p2]} if math.isfinite(p1 + p2) else {}) for p1, p2 in probs.tolist()]
 
 
 def pairwise_lm_settings(template: JudgeTemplate, verdicts: tuple[str, str]) -> dict:
@@ -190,8 +194,8 @@ class PairwiseClassifierOracle(BothOrdersOracle):
     def __init__(self, model, *, name: str = "classifier"):
         super().__init__(PAIRWISE_CLASSIFIER, model, self._p_first_logit, {"template": model.template.template}, name)
 
-    def _p_first_logit(self, prompts: list[str], firsts: list[str], seconds: list[str]) -> list[float]:
-        return [_sigmoid(x) if math.isfinite(x) else math.nan for x in self.model.logits(prompts, firsts, seconds)]
+    def _p_first_logit(self, prompts: list[str], firsts: list[str], seconds: list[str]) -> list[tuple[float, dict]]:
+        return [(_sigmoid(x), {"logit": x}) if math.isfinite(x) else (math.nan, {}) for x in self.model.logits(prompts, firsts, seconds)]
 
 
 def prompt_tag(prompt: str) -> str:

@@ -5,8 +5,8 @@ weights served by ``transformers serve`` and asked by the llm_judge oracle on th
 What was measured (2 shared cores, Dec 2026; printed by the tests): with the default judge template
 SmolLM2-135M cannot tell these answers apart. Each order's P(first) is 0.72–0.84 — a strong pull to
 the first slot — and the two orders differ by less than 0.01, so with both orders averaged
-P(right ≻ wrong) is 0.499–0.504: the right answer is preferred in 5 of 8 pairs (0.625), at margins
-a coin would give. So what is asserted is what holds robustly for this model: a first-slot bias far
+P(right ≻ wrong) is 0.499–0.504: the right answer is preferred in 3 of the 4 pairs here (0.75; 5 of 8
+on a longer list measured once, 0.625), at margins of a few thousandths: no evidence of skill. So what is asserted is what holds robustly for this model: a first-slot bias far
 above ½ that averaging both orders cancels (|P − ½| ten times smaller than the bias), and the same
 verdicts as the served model, which answers greedily (no log-probs) and so gives a vote per order.
 """
@@ -55,23 +55,30 @@ def test_smollm2_judges_right_and_wrong_answers_with_its_position_bias_cancelled
 
 
 def test_smollm2_verdicts_match_the_same_model_through_transformers_serve(smollm2, local_verdicts, tmp_path):
-    """Greedy answers of the served model (transformers serve sends no log-probs, so P is a vote per
-    order) against the local judge's side per order, and P within the tolerance a vote allows."""
+    """The served model answers greedily (transformers serve sends no log-probs, so the llm_judge has a
+    vote per order, or an abstention when the answer is no verdict). Per order: where it votes, the
+    local judge favours the same slot; where it writes something else, the local judge's verdict tokens
+    cannot be the most likely next token (each below what the rest of the vocabulary holds)."""
     from local_servers import transformers_serve
     from oracles.llm_judge import LLMJudge, LLMJudgeConfig
 
     with transformers_serve(smollm2.v0, tmp_path / "serve.log", timeout=180) as base_url:
         judge = LLMJudge(LLMJudgeConfig(model=str(smollm2.v0), base_url=base_url, max_tokens=4, max_in_flight=2, timeout_s=300))
         served = judge.judge(PAIRS)
-    same, total = 0, 0
+    voted = consistent = 0
     for local, remote in zip(local_verdicts, served):
         assert not remote.skipped, remote.error
         for lo, ro in zip(local.detail["orders"], remote.detail["orders"]):
             verdict = ro["answers"][0]["verdict"]
-            total += 1
-            same += verdict == {"a": FIRST, "b": SECOND}.get(side(lo["p_first"]))
-    print(f"served verdicts: {[[a['text'] for o in j.detail['orders'] for a in o['answers']] for j in served]}; same side as the local judge in {same}/{total} orders")
-    assert same == total  # measured: 8 of 8 (both answer "A", the first slot, in every order)
-    for local, remote in zip(local_verdicts, served):
-        # a vote per order gives P in {0, ¼, ½, ¾, 1}; the local P is within 0.01 of ½ here (see above)
-        assert remote.p_a == pytest.approx(local.p_a, abs=0.05)
+            p1, p2 = lo["p_verdicts"]
+            if verdict is None:
+                consistent += max(p1, p2) < 1 - p1 - p2
+            else:
+                voted += 1
+                consistent += verdict == {"a": FIRST, "b": SECOND}.get(side(lo["p_first"]))
+        if remote.p_a is not None:  # a vote per order gives P in {0, ¼, ½, ¾, 1}
+            assert remote.p_a == pytest.approx(local.p_a, abs=0.26)
+    answers = [a["text"] for j in served for o in j.detail["orders"] for a in o["answers"]]
+    masses = [round(sum(o["p_verdicts"]), 3) for j in local_verdicts for o in j.detail["orders"]]
+    print(f"served answers {answers}; local verdict-token mass {masses}; {voted} votes; consistent in {consistent}/{2 * len(PAIRS)} orders")
+    assert consistent == 2 * len(PAIRS)
