@@ -6,9 +6,15 @@ What was measured (2 shared cores, Dec 2026; printed by the tests): with the def
 SmolLM2-135M cannot tell these answers apart. Each order's P(first) is 0.72–0.84 — a strong pull to
 the first slot — and the two orders differ by less than 0.01, so with both orders averaged
 P(right ≻ wrong) is 0.499–0.504: the right answer is preferred in 3 of the 4 pairs here (0.75; 5 of 8
-on a longer list measured once, 0.625), at margins of a few thousandths: no evidence of skill. So what is asserted is what holds robustly for this model: a first-slot bias far
-above ½ that averaging both orders cancels (|P − ½| ten times smaller than the bias), and the same
-verdicts as the served model, which answers greedily (no log-probs) and so gives a vote per order.
+on a longer list measured once, 0.625), at margins of a few thousandths: no evidence of skill.
+
+So what is asserted is what holds robustly for this model: a first-slot bias far above ½ that
+averaging both orders cancels (|P − ½| ten times smaller than the bias). Served by ``transformers
+serve`` and asked by the llm_judge, the same weights answer greedily (no log-probs) with no verdict
+at all — "<<<BEG…", the start of a fence, in all 8 orders of a first run — so the served judge
+abstains where the local judge, renormalizing over the two verdict tokens, still gives a P; the
+local judge keeps the verdict tokens' own probabilities (``p_verdicts``), and the comparison checks
+that they are consistent with what the served model wrote.
 """
 
 from __future__ import annotations
