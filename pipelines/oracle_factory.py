@@ -1,5 +1,6 @@
 """Every oracle of a campaign, built from its config: one entry per oracle kind (matrix, text_world,
-llm_judge, learned, cascade) and people (Label Studio).
+llm_judge, learned, the local judges reward_model, pairwise_lm and pairwise_classifier, cascade) and
+people (Label Studio).
 
 An entry returns an ``OracleSpec``: the oracle's id and ``build()``, made together from the same
 settings, so an id cannot drift from the oracle it names. The id is known without building: no secret
@@ -10,6 +11,7 @@ loaded (a learned model's id is its checkpoint's fingerprint), so the stages tha
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Callable
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from data import Store
+from data.scores import StoredScores
 from oracles.learned import LearnedOracle
 from oracles.matrix import MatrixOracle
 from oracles.text_world import TextWorldOracle
@@ -144,6 +147,55 @@ def _learned(cfg, config: CampaignConfig, world: World) -> OracleSpec:
     return OracleSpec(LearnedOracle(_Fingerprint(checkpoint_fingerprint(cfg.checkpoint)), name=head).oracle_id, build, runs_model=True)
 
 
+@functools.lru_cache(maxsize=1)
+def _loaded(load: Callable, source: str, fingerprint: str, **settings):
+    """The last local judge model loaded in this process, kept: a round builds its oracle in the judge
+    and the evaluation stage, and a .gguf model takes most of a minute to dequantize. ``fingerprint``
+    is in the key so changed files load again."""
+    return load(source, **settings)
+
+
+def _reward_model(cfg, config: CampaignConfig, world: World) -> OracleSpec:
+    from oracles.local_judges import REWARD_MODEL, RewardModelOracle, local_judge_id
+    from solvers.judge_models import RewardModel, fingerprint
+
+    digest = fingerprint(cfg.model)
+    oracle_id = local_judge_id(REWARD_MODEL, digest, {"temperature": cfg.temperature}, name="reward")
+
+    def build() -> RewardModelOracle:
+        model = _loaded(RewardModel.load, cfg.model, digest, device=cfg.device, max_batch_tokens=cfg.max_batch_tokens)
+        return RewardModelOracle(model, scores=StoredScores(Store(config.store), oracle_id), temperature=cfg.temperature)
+
+    return OracleSpec(oracle_id, build, runs_model=True)
+
+
+def _pairwise_lm(cfg, config: CampaignConfig, world: World) -> OracleSpec:
+    from oracles.judge_template import load_template
+    from oracles.local_judges import PAIRWISE_LM, PairwiseLMOracle, local_judge_id, pairwise_lm_settings
+    from solvers.judge_models import fingerprint
+    from solvers.pairwise_lm import PairwiseLM
+
+    digest, template = fingerprint(cfg.model), load_template(cfg.template_path)
+
+    def build() -> PairwiseLMOracle:
+        model = _loaded(PairwiseLM.load, cfg.model, digest, device=cfg.device, verdicts=cfg.verdicts, max_batch_tokens=cfg.max_batch_tokens, share_prefix=cfg.share_prefix)
+        return PairwiseLMOracle(model, template=template)
+
+    return OracleSpec(local_judge_id(PAIRWISE_LM, digest, pairwise_lm_settings(template, cfg.verdicts), name="judge"), build, runs_model=True)
+
+
+def _pairwise_classifier(cfg, config: CampaignConfig, world: World) -> OracleSpec:
+    from oracles.local_judges import PAIRWISE_CLASSIFIER, PairwiseClassifierOracle, local_judge_id
+    from solvers.judge_models import PairwiseClassifier, fingerprint
+
+    digest = fingerprint(cfg.model)
+
+    def build() -> PairwiseClassifierOracle:
+        return PairwiseClassifierOracle(_loaded(PairwiseClassifier.load, cfg.model, digest, device=cfg.device, template=cfg.template, max_batch_tokens=cfg.max_batch_tokens))
+
+    return OracleSpec(local_judge_id(PAIRWISE_CLASSIFIER, digest, {"template": cfg.template}, name="classifier"), build, runs_model=True)
+
+
 def _cascade(cfg, config: CampaignConfig, world: World) -> OracleSpec:
     judge = oracle_spec(cfg.judge, config, world)
     people = people_spec(config) if cfg.people else None
@@ -166,4 +218,7 @@ def people_spec(config: CampaignConfig) -> OracleSpec:
     return OracleSpec(settings.oracle_id, build)
 
 
-KINDS: dict[str, Callable[..., OracleSpec]] = {"matrix": _matrix, "text_world": _text_world, "llm_judge": _llm_judge, "learned": _learned, "cascade": _cascade}
+KINDS: dict[str, Callable[..., OracleSpec]] = {
+    "matrix": _matrix, "text_world": _text_world, "llm_judge": _llm_judge, "learned": _learned,
+    "reward_model": _reward_model, "pairwise_lm": _pairwise_lm, "pairwise_classifier": _pairwise_classifier, "cascade": _cascade,
+}

@@ -144,7 +144,8 @@ def judge_accept(cfg):
     """When people follow, which judge answers are final (the others go on to people)."""
     if not cfg.people:
         return None
-    return OrdersAgree() if cfg.judge.kind == "llm_judge" and cfg.judge.both_orders else Answered()
+    both_orders = cfg.judge.kind in ("pairwise_lm", "pairwise_classifier") or (cfg.judge.kind == "llm_judge" and cfg.judge.both_orders)
+    return OrdersAgree() if both_orders else Answered()
 
 
 def cascade_oracle_id(config: CampaignConfig, judge_id: str, people_id: str | None) -> str:
@@ -193,7 +194,7 @@ class CampaignCascade:
     def __init__(self, config: CampaignConfig, world: World, *, judge, people=None, store: Store | None = None):
         self.config, self.world = config, world
         self.store = store if store is not None else Store(config.store)
-        self.judge_oracle = judge.build()
+        self.judge_oracle = HoldingGpu(judge.build()) if judge.runs_model else judge.build()  # a local judge model holds the slot while it judges
         self._people_spec = people
         self.oracle_id = cascade_oracle_id(config, self.judge_oracle.oracle_id, people.oracle_id if people else None)
         self._models: dict[int, tuple[LearnedOracle, int]] = {}

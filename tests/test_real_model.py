@@ -49,13 +49,20 @@ def test_the_converted_model_answers_plain_and_chat_prompts(smollm2):
 def test_a_one_round_campaign_on_smollm2(smollm2, prefect_harness, monkeypatch):
     from pipelines import flows
 
+    from pipelines.config import parse_config
+
+    # the judge: SmolLM2 itself as a local pairwise_lm judge (tests/test_local_judge_real.py), read from v0's folder
+    config = parse_config({**smollm2.config.model_dump(exclude_unset=True), "oracle": {"kind": "pairwise_lm", "model": str(smollm2.v0), "device": "cpu"}})
     # the campaign reads v0 from the store: nothing dequantizes the GGUF file again
     monkeypatch.setattr(model_sources, "load_gguf", lambda *a, **k: pytest.fail("dequantized the GGUF file again"))
-    flows.alignment_campaign(smollm2.config)
-    store = Store(smollm2.config.store)
+    flows.alignment_campaign(config)
+    store = Store(config.store)
     table = rounds_table(store)
     assert list(table["round"]) == [1] and table["perf/tokens_per_s"].gt(0).all()
     assert 0.0 <= table["eval/win_rate_vs_ref"].iloc[0] <= 1.0
+    judged = store.read("comparisons")
+    assert judged["oracle_id"].str.startswith("pairwise_lm:judge@").all() and judged["p_a"].between(0, 1).all()
+    assert table["pairwise_lm/tokens"].iloc[0] > 0  # the judge's own metrics reach the round's table
     responses = store.read("responses")
     assert responses["text"].str.strip().astype(bool).any()
     assert (smollm2.v0.parent / "v1.json").exists()
