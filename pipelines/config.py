@@ -89,6 +89,14 @@ class TrainerSettings(Strict):
     compile: bool = Field(False, description="torch.compile the policy's forward: ~1.45x the update's tokens/s on an H100 (bench/gpu_update.py), about a minute of warm-up per round")
     checkpoint_every: int = Field(0, ge=0, description="steps between resumable checkpoints inside an update (0: only at the end)")
     window: int = Field(1, ge=0, description="rounds of judged pairs to train on: 1 = this round's (on-policy), 0 = all accumulated")
+    processes: int = Field(1, ge=1, description="1: the update runs in the flow's process; N > 1: under torchrun, one process per GPU (CPU: gloo, at most one per core)")
+    sharding: Literal["ddp", "fsdp"] = Field("ddp", description="with processes > 1: 'ddp' (each process holds the whole model) or 'fsdp' (FSDP2: each holds 1/N of weights, gradients, AdamW state)")
+
+    @model_validator(mode="after")
+    def _sharding_needs_processes(self):
+        if self.sharding == "fsdp" and self.processes < 2:
+            raise ValueError("trainer.sharding: fsdp needs trainer.processes ≥ 2 (one process holds the whole model)")
+        return self
 
 
 class PromptsConfig(Strict):

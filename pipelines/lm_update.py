@@ -3,19 +3,31 @@ texts, cached log-probs), run one update from the anchor, and save the new versi
 
 Log-probs of a response under μ and under past iterates come from the ``logprobs`` table; whatever is
 missing is scored once, in batched no-grad passes, and stored, so no forward pass runs twice.
+
+With ``trainer.processes`` N > 1 the update runs under torchrun instead of in this process
+(:func:`launched_update`): the examples go to a job folder beside the update's step checkpoints
+(``checkpoints/.job-v<N>/``), N processes of ``solvers.update_job`` train, rank 0 writes the new
+policy into the job folder, and this stage publishes it into the store as any other checkpoint.
 """
 
 from __future__ import annotations
 
+import gc
+import json
+import logging
 import shutil
 import tempfile
+from collections.abc import Callable
+from pathlib import Path
 
 import pandas as pd
 
 from data import Store
 from pipelines.config import CampaignConfig, config_from_settings
-from pipelines.versions import is_mixture, load_policy, save_checkpoint, version, with_update_metrics, work_dir
+from pipelines.versions import checkpoint_folder, is_mixture, job_dir, lm_config, load_policy, save_checkpoint, version, with_update_metrics, work_dir
 from pipelines.world import World
+
+_log = logging.getLogger(__name__)
 
 
 def ensure_logprobs(store: Store, policy, policy_version: str, responses: pd.DataFrame, *, round: int) -> pd.Series:
@@ -67,26 +79,67 @@ def training_pairs(store: Store, config: CampaignConfig, rows: pd.DataFrame, pro
     return pairs.reset_index(drop=True)
 
 
-def update_causal_lm(store: Store, config: CampaignConfig, world: World, *, round: int, phase: str, sampled_version: str, oracle_ids: set[str]) -> dict:
+def update_causal_lm(
+    store: Store, config: CampaignConfig, world: World, *, round: int, phase: str, sampled_version: str, oracle_ids: set[str], log: Callable[[str], None] = _log.info
+) -> dict:
     from solvers import checkpoint as lm_checkpoint
+    from solvers import sharding
     from solvers.trainer import TrainerConfig, update
 
     new, anchor_version, algorithm = version(round, phase), version(round - 1), config.solver.entry
+    processes = config.trainer.processes
+    if processes > 1:
+        sharding.check_processes(processes, config.policy.device)  # before any work: a launch that cannot run fails now
     policy, optimizer_state = load_policy(store, anchor_version, config, world, with_optimizer=True)
     examples = update_examples(
         store, config, round=round, phase=phase, sampled_version=sampled_version, oracle_ids=oracle_ids, anchor=policy, load=lambda v: load_policy(store, v, config, world)
     )
     trainer_config = config_from_settings(
-        TrainerConfig, config.trainer, pipeline_only={"window"}, loss=algorithm.name, loss_config=config.solver.loss, device=config.policy.device, seed=config.seed + round
+        TrainerConfig, config.trainer, pipeline_only={"window", "processes"}, loss=algorithm.name, loss_config=config.solver.loss, device=config.policy.device, seed=config.seed + round
     )
     # step checkpoints of an unfinished update live beside the round's checkpoints, so a killed update resumes
     work = store.local_path(work_dir(new)) if store.is_local else tempfile.mkdtemp(prefix="nashflow-update-")
-    result = update(policy, examples, trainer_config, optimizer_state=optimizer_state, checkpoint_dir=work)
-    metrics = {"judged_pairs_used": len(examples), **result.summary}
-    write = lambda folder: lm_checkpoint.save_checkpoint(folder, policy.model, policy.tokenizer, {"optimizer": result.optimizer_state})  # noqa: E731
+    if processes > 1:
+        del policy, optimizer_state  # the processes load the anchor themselves: free this process's copy (and its GPU memory) first
+        _release_memory()
+        job = Path(store.local_path(job_dir(new)) if store.is_local else tempfile.mkdtemp(prefix="nashflow-job-"))
+        summary, result_folder = launched_update(store, config, examples, trainer_config, anchor_version=anchor_version, new=new, work=work, job=job, log=log)
+        write = lambda folder: shutil.copytree(result_folder, folder)  # noqa: E731
+    else:
+        result = update(policy, examples, trainer_config, optimizer_state=optimizer_state, checkpoint_dir=work)
+        summary, job = result.summary, None
+        write = lambda folder: lm_checkpoint.save_checkpoint(folder, policy.model, policy.tokenizer, {"optimizer": result.optimizer_state})  # noqa: E731
+    metrics = {"judged_pairs_used": len(examples), **summary}
     path = save_checkpoint(store, new, with_update_metrics(write, metrics))
-    shutil.rmtree(work, ignore_errors=True)
+    for folder in (work, job):
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
     return {"version": new, "checkpoint": path, **metrics}
+
+
+def launched_update(store: Store, config: CampaignConfig, examples: list, trainer_config, *, anchor_version: str, new: str, work: str, job: Path, log: Callable[[str], None]) -> tuple[dict, Path]:
+    """The update under torchrun: ``trainer.processes`` processes of ``solvers.update_job`` on the job
+    folder ``job`` (the examples, the configs), starting from the anchor's checkpoint and keeping step
+    checkpoints in ``work`` (a retried launch resumes from them). Returns (the update's summary, the
+    folder where rank 0 wrote the new policy's checkpoint)."""
+    from pipelines.torchrun import run_module
+    from solvers import update_job
+
+    n, how = config.trainer.processes, config.trainer.sharding
+    with tempfile.TemporaryDirectory() as tmp:
+        anchor = checkpoint_folder(store, anchor_version, tmp)  # a copy on local disk when the store is remote
+        update_job.write_job(job, examples, trainer_config, anchor=anchor, policy=lm_config(config, training=True), checkpoint_dir=work)
+        log(f"{anchor_version} → {new}: {len(examples)} examples, {n} processes ({how}), job folder {job}")
+        run_module("solvers.update_job", [str(job)], n, error_dir=job / update_job.ERRORS, log=log, what=f"the update to {new} ({n} processes, {how})")
+    return json.loads((job / update_job.METRICS).read_text())["summary"], job / update_job.RESULT
+
+
+def _release_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def update_examples(store: Store, config: CampaignConfig, *, round: int, phase: str, sampled_version: str, oracle_ids: set[str], anchor, load) -> list:
