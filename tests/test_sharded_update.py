@@ -184,3 +184,17 @@ def assert_store_holds_only_complete_checkpoints(store: Store, during_update: bo
     for step in work.glob("step-*") if work.exists() else []:
         if step.is_dir():
             assert ckpt.is_complete(step), f"{step.name} has no manifest"
+
+
+def test_the_gpu_bench_smoke_runs_two_fsdp_processes_on_the_cpu():
+    """bench/gpu_update.py --smoke: the script starts itself under torchrun (2 gloo processes, FSDP2)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "bench/gpu_update.py", "--smoke", "--warmup", "1", "--steps", "2"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert line["processes"] == 2 and line["sharding"] == "fsdp" and line["steps_timed"] == 2 and line["tokens_per_s"] > 0
+    assert line["sequences_per_step"] == 16  # 2 processes × 2 pairs × 2 accumulation × 2 sequences
+    assert line["largest_params_fit"] is None and line["peak_memory_bytes"] is None  # CUDA only
