@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, create_model, model_validator
@@ -77,6 +77,8 @@ class CausalLMPolicyConfig(Strict):
 
 class TrainerSettings(Strict):
     """The policy update of a causal-LM campaign (solvers/trainer.py has every knob's detail)."""
+
+    PIPELINE_ONLY: ClassVar[frozenset[str]] = frozenset({"window", "processes"})  # read by the update stage, not TrainerConfig fields
 
     lr: float = Field(1e-6, gt=0, description="AdamW peak learning rate; LLM scale 1e-7..1e-5, a tiny random model ~1e-3")
     micro_batch_size: int = Field(8, ge=1, description="pairs per forward pass; memory grows with it")

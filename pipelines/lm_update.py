@@ -23,7 +23,7 @@ from pathlib import Path
 import pandas as pd
 
 from data import Store
-from pipelines.config import CampaignConfig, config_from_settings
+from pipelines.config import CampaignConfig, TrainerSettings, config_from_settings
 from pipelines.versions import checkpoint_folder, is_mixture, job_dir, lm_config, load_policy, save_checkpoint, version, with_update_metrics, work_dir
 from pipelines.world import World
 
@@ -95,7 +95,7 @@ def update_causal_lm(
         store, config, round=round, phase=phase, sampled_version=sampled_version, oracle_ids=oracle_ids, anchor=policy, load=lambda v: load_policy(store, v, config, world)
     )
     trainer_config = config_from_settings(
-        TrainerConfig, config.trainer, pipeline_only={"window", "processes"}, loss=algorithm.name, loss_config=config.solver.loss, device=config.policy.device, seed=config.seed + round
+        TrainerConfig, config.trainer, pipeline_only=TrainerSettings.PIPELINE_ONLY, loss=algorithm.name, loss_config=config.solver.loss, device=config.policy.device, seed=config.seed + round
     )
     # step checkpoints of an unfinished update live beside the round's checkpoints, so a killed update resumes
     work = store.local_path(work_dir(new)) if store.is_local else tempfile.mkdtemp(prefix="nashflow-update-")
