@@ -80,14 +80,14 @@ def training_pairs(store: Store, config: CampaignConfig, rows: pd.DataFrame, pro
 
 
 def update_causal_lm(
-    store: Store, config: CampaignConfig, world: World, *, round: int, phase: str, sampled_version: str, oracle_ids: set[str], log: Callable[[str], None] = _log.info
+    store: Store, config: CampaignConfig, world: World, *, round: int, phase: str, sampled_version: str, oracle_ids: set[str], log: Callable[[str], None] | None = None
 ) -> dict:
     from solvers import checkpoint as lm_checkpoint
     from solvers import sharding
     from solvers.trainer import TrainerConfig, update
 
     new, anchor_version, algorithm = version(round, phase), version(round - 1), config.solver.entry
-    processes = config.trainer.processes
+    processes, log = config.trainer.processes, log or _log.info
     if processes > 1:
         sharding.check_processes(processes, config.policy.device)  # before any work: a launch that cannot run fails now
     policy, optimizer_state = load_policy(store, anchor_version, config, world, with_optimizer=True)

@@ -179,7 +179,7 @@ def update_policy(store: Store, config: CampaignConfig, world: World, *, round: 
     if config.policy.kind == "causal_lm":
         from pipelines.lm_update import update_causal_lm
 
-        return update_causal_lm(store, config, world, round=round, phase=phase, sampled_version=sampled_version, oracle_ids=oracle_ids, **({"log": log} if log else {}))
+        return update_causal_lm(store, config, world, round=round, phase=phase, sampled_version=sampled_version, oracle_ids=oracle_ids, log=log)
     anchor = load_policy(store, version(round - 1), config, world)
     algorithm = config.solver.entry
     two_phase = phase == "update" and algorithm.half_step is not None
