@@ -2,7 +2,9 @@
 
     python bench/gpu_update.py                  # CUDA: a ~1.1B Llama, 1024-token sequences, bf16, compiled
     python bench/gpu_update.py --no-compile     # the same in eager mode
-    python bench/gpu_update.py --smoke          # any machine: a tiny model on the CPU (device "cpu"), seconds
+    python bench/gpu_update.py --smoke          # any machine: a tiny model, 2 CPU processes (gloo, FSDP2), seconds
+    python bench/gpu_update.py --processes 4 --sharding fsdp     # 4 GPUs (torchrun, NCCL), FSDP2
+    python bench/gpu_update.py --fit            # also: the largest Llama shape whose update fits one GPU
 
 The model is built from a config (random weights, no download): TinyLlama-1.1B's shape (hidden 2048,
 22 layers, 32 heads with 4 key-value heads, MLP 5632, vocabulary 32000, untied output layer). Every
@@ -28,6 +30,15 @@ own FLOPs (4–9% more at 1024 tokens, causal or not) are not counted, while the
 response positions (897 of 1024, ~1% of the count): the figure errs low. The peak is the GPU's dense
 bf16 rate: 989e12 for H100/H200 (detected by name), 312e12 for A100; ``--peak-flops`` overrides, and
 with no known peak ``mfu`` is null. Needs only torch and transformers (and nashflow's ``solvers``).
+
+``--processes N`` runs the same step in N processes (the script starts itself under torchrun; one GPU
+each, or gloo on the CPU) with ``--sharding ddp`` or ``fsdp`` (FSDP2 per decoder layer, bf16 with fp32
+reduction: solvers/sharding.py): the global batch is N times one process's; ``tokens_per_s`` counts all
+processes, ``mfu`` divides by N peaks, ``peak_memory_bytes`` is the most any one GPU allocated.
+``--fit`` (CUDA, one process) steps through Llama shapes of growing depth and width (1B, 3B, 8B, 13B)
+and reports in ``largest_params_fit`` the largest whose update (micro-batch of 1 pair, AdamW, fp32
+master weights) runs on the GPU; null otherwise. ``--lora``: LoRA is not in nashflow yet.
+No multi-GPU figure has been measured yet (no GPU was available when this was written).
 """
 
 from __future__ import annotations
@@ -44,13 +55,19 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-from update_step import build_policy, synthetic_examples  # noqa: E402
+from update_step import build_policy, run_under_torchrun, synthetic_examples  # noqa: E402
 
 from solvers import trainer  # noqa: E402
 
 PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s
 MODEL_1B = {"hidden": 2048, "layers": 22, "heads": 32, "kv_heads": 4, "intermediate": 5632, "vocab": 32000}
 MODEL_SMOKE = {"hidden": 64, "layers": 2, "heads": 4, "kv_heads": 4, "intermediate": 128, "vocab": 512}
+FIT_SHAPES = {  # Llama-3-like shapes by steps of depth and width (vocabulary 128256 from 3B up)
+    "1B": MODEL_1B,
+    "3B": {"hidden": 3072, "layers": 28, "heads": 24, "kv_heads": 8, "intermediate": 8192, "vocab": 128256},
+    "8B": {"hidden": 4096, "layers": 32, "heads": 32, "kv_heads": 8, "intermediate": 14336, "vocab": 128256},
+    "13B": {"hidden": 5120, "layers": 40, "heads": 40, "kv_heads": 8, "intermediate": 13824, "vocab": 128256},
+}
 
 
 def peak_flops(device: torch.device, override: float | None) -> float | None:
@@ -74,8 +91,9 @@ def measure(policy, args, pairs: int, device: torch.device, seq_len: int, prompt
         device=device.type,
         compile=args.compile,
         gradient_checkpointing=args.gradient_checkpointing,
+        sharding=args.sharding,
     )
-    n = cfg.global_batch()
+    n = cfg.global_batch(args.processes)
     examples = synthetic_examples(n, prompt_tokens=prompt_tokens, response_tokens=seq_len - prompt_tokens)
     state = trainer.start_update(policy, examples, cfg)
     batch = list(range(n))
@@ -97,6 +115,25 @@ def measure(policy, args, pairs: int, device: torch.device, seq_len: int, prompt
         trainer.finish_update(state)
 
 
+def largest_params_fit(args, device: torch.device) -> dict | None:
+    """The largest of FIT_SHAPES whose update step runs on this GPU (1 pair per micro-batch, 2 steps),
+    by parameter count; the search stops at the first shape that runs out of memory."""
+    fit = None
+    for name, shape in FIT_SHAPES.items():
+        try:
+            with torch.device(device):
+                policy = build_policy(**shape, context=args.seq_len + 1, device=device.type)
+            measure(policy, argparse.Namespace(**{**vars(args), "warmup": 1, "steps": 1, "max_seconds": 60}), 1, device, args.seq_len, args.seq_len // 8)
+            fit = {"shape": name, "params": sum(p.numel() for p in policy.model.parameters()), "peak_memory_bytes": torch.cuda.max_memory_allocated(device)}
+        except torch.cuda.OutOfMemoryError:
+            break
+        finally:
+            policy = None
+            gc.collect()
+            torch.cuda.empty_cache()
+    return {"full": fit, "lora": None}  # LoRA: not in nashflow yet
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny model, short sequences, CPU: checks that the script runs")
@@ -110,10 +147,22 @@ def main() -> None:
     ap.add_argument("--loss", default="inpo")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the forward (default: on CUDA)")
     ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--processes", type=int, default=None, help="processes under torchrun (one per GPU); default 1, smoke 2")
+    ap.add_argument("--sharding", choices=["ddp", "fsdp"], default=None, help="with processes > 1; default ddp, smoke fsdp")
+    ap.add_argument("--fit", action="store_true", help="CUDA, one process: also find the largest Llama shape whose update fits the GPU")
+    ap.add_argument("--lora", action="store_true", help="not yet: LoRA is not in nashflow yet")
     args = ap.parse_args()
+    if args.lora:
+        raise SystemExit("--lora: not yet. LoRA adapters are not in nashflow yet; this option will measure them once they are")
+    args.processes = args.processes or (2 if args.smoke else 1)
+    args.sharding = args.sharding or ("fsdp" if args.smoke else "ddp")
+    if args.processes > 1 and "WORLD_SIZE" not in os.environ:  # start this script under torchrun; rank 0 prints the line
+        print(json.dumps(run_under_torchrun(args.processes, sys.argv[1:])))
+        return
+    rank, world = trainer.init_distributed()
 
     cuda = torch.cuda.is_available() and not args.smoke
-    device = torch.device("cuda" if cuda else "cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
     shape = MODEL_1B if cuda else MODEL_SMOKE
     args.compile = cuda if args.compile is None else args.compile
     seq_len = args.seq_len or (1024 if cuda else 64)
@@ -133,7 +182,7 @@ def main() -> None:
             state, steps, tokens, seconds = measure(policy, args, pairs, device, seq_len, prompt_tokens)
             break
         except torch.cuda.OutOfMemoryError:
-            if pairs == 1:
+            if pairs == 1 or world > 1:  # several processes: one rank's retry would leave the others waiting
                 raise
         pairs, args.grad_accum = pairs // 2, args.grad_accum * 2
         gc.collect()  # the failed attempt's optimizer state, now that its traceback is gone
@@ -142,22 +191,35 @@ def main() -> None:
 
     tokens_per_s = tokens / seconds
     peak = peak_flops(device, args.peak_flops)
+    memory = torch.tensor([torch.cuda.max_memory_allocated(device) if cuda else 0], dtype=torch.float64, device=device)
+    if world > 1:
+        torch.distributed.all_reduce(memory, op=torch.distributed.ReduceOp.MAX)
+        torch.distributed.destroy_process_group()
+    sequences = len(state.plan[0]) * state.data.responses
+    del state, policy
+    gc.collect()
+    fit = largest_params_fit(argparse.Namespace(**{**vars(args), "seq_len": seq_len}), device) if args.fit and cuda and world == 1 else None
+    if rank:
+        return
     print(json.dumps({
         "bench": "gpu_update",
         "tokens_per_s": round(tokens_per_s, 1),
-        "mfu": round(6 * n_matmul * tokens_per_s / peak, 4) if peak else None,
+        "mfu": round(6 * n_matmul * tokens_per_s / (peak * world), 4) if peak else None,
         "device": torch.cuda.get_device_name(device) if cuda else "cpu",
         "peak_flops": peak,
         "params": n_params,
         "matmul_params": n_matmul,
         "seq_len": seq_len,
-        "sequences_per_step": len(state.plan[0]) * state.data.responses,
+        "sequences_per_step": sequences,
         "micro_batch_pairs": pairs,
         "grad_accum": args.grad_accum,
         "step_s": round(seconds / max(steps, 1), 4),
         "steps_timed": steps,
         "setup_and_warmup_s": round(setup_s, 1),
-        "max_memory_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if cuda else None,
+        "peak_memory_bytes": int(memory.item()) if cuda else None,
+        "largest_params_fit": fit,
+        "processes": world,
+        "sharding": args.sharding if world > 1 else None,
         "loss": args.loss,
         "compile": args.compile,
         "gradient_checkpointing": args.gradient_checkpointing,

@@ -1,6 +1,7 @@
 """Cost of one trainer update step of each NLHF loss, as a ratio to the floor. Prints one JSON line.
 
     python bench/update_step.py [--repeats 7] [--hidden 128] [--layers 4] [--vocab 8192] [--threads 1]
+    python bench/update_step.py --processes 2 [--repeats 3]     # 2 processes (torchrun, gloo) over 1
 
 The step is ``trainer.train_step`` on a fixed global batch of 8 pairs, each sequence 128 tokens (32
 prompt + 96 response): packing, the policy's forward and backward (y and y' in one pass; one response
@@ -19,6 +20,12 @@ shared cores hits both sides alike; the medians over rounds are reported. The mo
 built from a config (random weights, no download, 2.9M parameters by default, a third of them in the
 output layer) behind a byte-level tokenizer: a small model makes the trainer's fixed costs weigh more,
 not less; one step takes about half a second on one CPU core.
+
+``--processes N``: the INPO step in N processes (torchrun, gloo, DDP, one thread each) against one
+process, on the same global batch (micro-batch pairs/N; the one process accumulates N micro-batches):
+``processes_over_one`` is the median over repeats of (N-process step time / one-process step time),
+each repeat timing the one process, then a fresh torchrun launch (its start-up is not timed). On 2
+shared cores expect no speed-up: about 1 plus the all-reduce of the gradients.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -112,13 +120,16 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--losses", default=",".join(n for n, a in algorithms.ALGORITHMS.items() if a.loss is not None))
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads (1: steadier timings on shared cores)")
+    ap.add_argument("--processes", type=int, default=1, help="N > 1: time the step in N processes over 1 instead")
+    ap.add_argument("--steps", type=int, default=5, help="--processes: timed steps per repeat and side")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.processes > 1:
+        return processes_over_one(args)
     names = args.losses.split(",")
 
     seq = args.prompt_tokens + args.response_tokens
-    policy = build_policy(hidden=args.hidden, layers=args.layers, heads=args.hidden // 64, kv_heads=args.hidden // 64, intermediate=int(2.75 * args.hidden), vocab=args.vocab, context=seq + 1, device="cpu")
-    examples = synthetic_examples(args.pairs, prompt_tokens=args.prompt_tokens, response_tokens=args.response_tokens)
+    policy, examples = bench_model(args)
     batch = list(range(args.pairs))
 
     # one update state per loss (its own AdamW), all over the same model; the batch is the whole set
@@ -169,6 +180,68 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "device": "cpu",
     }))  # fmt: skip
+
+
+def processes_over_one(args) -> None:
+    policy, examples = bench_model(args)
+    if "WORLD_SIZE" in os.environ:  # a rank of the launch below: time the steps, rank 0 prints them
+        rank, world = trainer.init_distributed()
+        seconds = timed_steps(policy, examples, args, world=world)
+        if rank == 0:
+            print(json.dumps({"step_s": seconds}), flush=True)
+        torch.distributed.destroy_process_group()
+        return
+    ratios, one_s, many_s = [], [], []
+    for _ in range(args.repeats):
+        one = statistics.median(timed_steps(policy, examples, args, world=1))
+        many = statistics.median(run_under_torchrun(args.processes, sys.argv[1:])["step_s"])
+        ratios.append(many / one)
+        one_s.append(one)
+        many_s.append(many)
+    med = statistics.median
+    print(json.dumps({
+        "bench": "update_step_processes",
+        "processes_over_one": round(med(ratios), 3),
+        "step_s": {"1": round(med(one_s), 4), str(args.processes): round(med(many_s), 4)},
+        "processes": args.processes,
+        "batch": {"pairs": args.pairs, "seq_len": args.prompt_tokens + args.response_tokens, "micro_batch_pairs": args.pairs // args.processes},
+        "model": {"params": sum(p.numel() for p in policy.model.parameters()), "hidden": args.hidden, "layers": args.layers},
+        "repeats": args.repeats,
+        "device": "cpu",
+    }))  # fmt: skip
+
+
+def bench_model(args):
+    seq = args.prompt_tokens + args.response_tokens
+    policy = build_policy(hidden=args.hidden, layers=args.layers, heads=args.hidden // 64, kv_heads=args.hidden // 64, intermediate=int(2.75 * args.hidden), vocab=args.vocab, context=seq + 1, device="cpu")
+    return policy, synthetic_examples(args.pairs, prompt_tokens=args.prompt_tokens, response_tokens=args.response_tokens)
+
+
+def timed_steps(policy, examples, args, *, world: int) -> list[float]:
+    """Seconds of each of ``args.steps`` INPO steps (after one untimed) on the whole global batch,
+    split into ``args.processes`` micro-batches: one per process, or all accumulated by one."""
+    micro = args.pairs // args.processes
+    cfg = trainer.TrainerConfig(loss="inpo", lr=1e-6, schedule="constant", micro_batch_size=micro, grad_accum=args.processes // world, max_steps=args.steps + 1, device="cpu")
+    model = policy.model
+    policy.model = type(model)(model.config)  # a fresh copy, so DDP's wrapping leaves the shared model alone
+    policy.model.load_state_dict(model.state_dict())
+    state = trainer.start_update(policy, examples, cfg)
+    batch = list(range(args.pairs))
+    trainer.train_step(state, batch)
+    seconds = [timed(lambda: trainer.train_step(state, batch)) for _ in range(args.steps)]
+    policy.model = model
+    return seconds
+
+
+def run_under_torchrun(processes: int, argv: list[str]) -> dict:
+    """Run this script in ``processes`` processes (torchrun, one machine) and return the JSON object
+    that rank 0 printed last. Its start-up (imports, the rendezvous) is not in what it measures."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", sys.argv[0], *argv]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"torchrun failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    return json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
 
 
 class _NoStep:

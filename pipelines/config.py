@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, create_model, model_validator
@@ -146,6 +146,8 @@ class CausalLMPolicyConfig(Strict):
 class TrainerSettings(Strict):
     """The policy update of a causal-LM campaign (solvers/trainer.py has every knob's detail)."""
 
+    PIPELINE_ONLY: ClassVar[frozenset[str]] = frozenset({"window", "processes"})  # read by the update stage, not TrainerConfig fields
+
     lr: float = Field(1e-6, gt=0, description="AdamW peak learning rate; LLM scale 1e-7..1e-5, a tiny random model ~1e-3")
     micro_batch_size: int = Field(8, ge=1, description="pairs per forward pass; memory grows with it")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
@@ -157,6 +159,14 @@ class TrainerSettings(Strict):
     compile: bool = Field(False, description="torch.compile the policy's forward: ~1.45x the update's tokens/s on an H100 (bench/gpu_update.py), about a minute of warm-up per round")
     checkpoint_every: int = Field(0, ge=0, description="steps between resumable checkpoints inside an update (0: only at the end)")
     window: int = Field(1, ge=0, description="rounds of judged pairs to train on: 1 = this round's (on-policy), 0 = all accumulated")
+    processes: int = Field(1, ge=1, description="1: the update runs in the flow's process; N > 1: under torchrun, one process per GPU (CPU: gloo, at most one per core)")
+    sharding: Literal["ddp", "fsdp"] = Field("ddp", description="with processes > 1: 'ddp' (each process holds the whole model) or 'fsdp' (FSDP2: each holds 1/N of weights, gradients, AdamW state)")
+
+    @model_validator(mode="after")
+    def _sharding_needs_processes(self):
+        if self.sharding == "fsdp" and self.processes < 2:
+            raise ValueError("trainer.sharding: fsdp needs trainer.processes ≥ 2 (one process holds the whole model)")
+        return self
 
 
 class PromptsConfig(Strict):

@@ -108,7 +108,8 @@ def _unfinished_update(config: CampaignConfig, store: Store, new_version: str) -
     return str(last) if last else None
 
 
-# One retry: a failed update resumes from its step checkpoints. A causal LM's update holds the GPU slot.
+# One retry: a failed update resumes from its step checkpoints. A causal LM's update holds the GPU slot,
+# for the whole torchrun launch when trainer.processes > 1 (one slot: the worker's GPUs; docs/operations.md).
 @task(
     name="update-policy", task_run_name="{config.name}-r{round}-{phase}-update", cache_policy=NO_CACHE,
     retries=1, retry_delay_seconds=10, retry_condition_fn=worth_retrying,
@@ -121,7 +122,7 @@ def update_task(config: CampaignConfig, round: int, phase: str) -> dict:
     if resumed := _unfinished_update(config, store, version(round, phase)):
         logger.info("round %d %s: an earlier attempt of this update stopped; resuming from its step checkpoint %s", round, phase, resumed)
     with gpu_slot(policy_runs_model(config)):
-        out = stages.update_policy(store, config, world, round=round, phase=phase, sampled_version=v, oracle_ids=oracle_ids)
+        out = stages.update_policy(store, config, world, round=round, phase=phase, sampled_version=v, oracle_ids=oracle_ids, log=lambda line: logger.info("%s", line))
     if out.get("already_stored"):
         logger.info("round %d %s: %s is already in the store; nothing to train", round, phase, out["version"])
     else:

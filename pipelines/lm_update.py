@@ -3,19 +3,32 @@ texts, cached log-probs), run one update from the anchor, and save the new versi
 
 Log-probs of a response under μ and under past iterates come from the ``logprobs`` table; whatever is
 missing is scored once, in batched no-grad passes, and stored, so no forward pass runs twice.
+
+With ``trainer.processes`` N > 1 the update runs under torchrun instead of in this process
+(:func:`launched_update`): the examples go to a job folder beside the update's step checkpoints
+(``checkpoints/.job-v<N>/``), N processes of ``solvers.update_job`` train, rank 0 writes the new
+policy into the job folder, and this stage publishes it into the store as any other checkpoint.
 """
 
 from __future__ import annotations
 
+import gc
+import json
+import logging
+import os
 import shutil
 import tempfile
+from collections.abc import Callable
+from pathlib import Path
 
 import pandas as pd
 
 from data import Store
-from pipelines.config import CampaignConfig, config_from_settings
-from pipelines.versions import base_version, checkpoint_folder, is_mixture, load_policy, lora_settings, save_checkpoint, version, with_update_metrics, work_dir
+from pipelines.config import CampaignConfig, TrainerSettings, config_from_settings
+from pipelines.versions import base_version, checkpoint_folder, is_mixture, job_dir, lm_config, load_policy, lora_settings, save_checkpoint, version, with_update_metrics, work_dir
 from pipelines.world import World
+
+_log = logging.getLogger(__name__)
 
 
 def ensure_logprobs(store: Store, policy, policy_version: str, responses: pd.DataFrame, *, round: int) -> pd.Series:
@@ -67,28 +80,43 @@ def training_pairs(store: Store, config: CampaignConfig, rows: pd.DataFrame, pro
     return pairs.reset_index(drop=True)
 
 
-def update_causal_lm(store: Store, config: CampaignConfig, world: World, *, round: int, phase: str, sampled_version: str, oracle_ids: set[str]) -> dict:
+def update_causal_lm(
+    store: Store, config: CampaignConfig, world: World, *, round: int, phase: str, sampled_version: str, oracle_ids: set[str], log: Callable[[str], None] | None = None
+) -> dict:
     from solvers import checkpoint as lm_checkpoint
-    from solvers import lora
+    from solvers import lora, sharding
     from solvers.trainer import TrainerConfig, update
 
     new, anchor_version, algorithm = version(round, phase), version(round - 1), config.solver.entry
+    processes, log = config.trainer.processes, log or _log.info
+    if processes > 1:
+        sharding.check_processes(processes, config.policy.device)  # before any work: a launch that cannot run fails now
     policy, optimizer_state = load_policy(store, anchor_version, config, world, with_optimizer=True)
     policy = lora.for_training(policy, lora_settings(config), seed=config.seed + round)
     examples = update_examples(
         store, config, round=round, phase=phase, sampled_version=sampled_version, oracle_ids=oracle_ids, anchor=policy, load=other_versions(store, config, world, policy)
     )
     trainer_config = config_from_settings(
-        TrainerConfig, config.trainer, pipeline_only={"window"}, loss=algorithm.name, loss_config=config.solver.loss, device=config.policy.device, seed=config.seed + round
+        TrainerConfig, config.trainer, pipeline_only=TrainerSettings.PIPELINE_ONLY, loss=algorithm.name, loss_config=config.solver.loss, device=config.policy.device, seed=config.seed + round
     )
     # step checkpoints of an unfinished update live beside the round's checkpoints, so a killed update resumes
     work = store.local_path(work_dir(new)) if store.is_local else tempfile.mkdtemp(prefix="nashflow-update-")
-    result = update(policy, examples, trainer_config, optimizer_state=optimizer_state, checkpoint_dir=work)
-    metrics = {"judged_pairs_used": len(examples), **result.summary}
     adapter = lora.is_lora(policy.model)  # the checkpoint is the adapter alone; the tokenizer is its base's
-    write = lambda folder: lm_checkpoint.save_checkpoint(folder, policy.model, None if adapter else policy.tokenizer, {"optimizer": result.optimizer_state})  # noqa: E731
+    if processes > 1:
+        del policy, optimizer_state  # the processes load the anchor themselves: free this process's copy (and its GPU memory) first
+        _release_memory()
+        job = Path(store.local_path(job_dir(new)) if store.is_local else tempfile.mkdtemp(prefix="nashflow-job-"))
+        summary, result_folder = launched_update(store, config, examples, trainer_config, round=round, anchor_version=anchor_version, new=new, work=work, job=job, log=log)
+        write = lambda folder: shutil.copytree(result_folder, folder)  # noqa: E731
+    else:
+        result = update(policy, examples, trainer_config, optimizer_state=optimizer_state, checkpoint_dir=work)
+        summary, job = result.summary, None
+        write = lambda folder: lm_checkpoint.save_checkpoint(folder, policy.model, None if adapter else policy.tokenizer, {"optimizer": result.optimizer_state})  # noqa: E731
+    metrics = {"judged_pairs_used": len(examples), **summary}
     path = save_checkpoint(store, new, with_update_metrics(write, metrics), base="v0" if adapter else None)
-    shutil.rmtree(work, ignore_errors=True)
+    for folder in (work, job):
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
     return {"version": new, "checkpoint": path, **metrics}
 
 
@@ -111,6 +139,37 @@ def other_versions(store: Store, config: CampaignConfig, world: World, anchor):
         return load_policy(store, v, config, world)
 
     return load
+
+
+def launched_update(
+    store: Store, config: CampaignConfig, examples: list, trainer_config, *, round: int, anchor_version: str, new: str, work: str, job: Path, log: Callable[[str], None]
+) -> tuple[dict, Path]:
+    """The update under torchrun: ``trainer.processes`` processes of ``solvers.update_job`` on the job
+    folder ``job`` (the examples, the configs), starting from the anchor's checkpoint and keeping step
+    checkpoints in ``work`` (a retried launch resumes from them). Returns (the update's summary, the
+    folder where rank 0 wrote the new policy's checkpoint). With ``policy.lora`` the processes put the
+    anchor's adapter (or round 1's new one, drawn from the same seed as in process) on its base."""
+    from pipelines.torchrun import run_module
+    from solvers import lora, update_job
+
+    n, how = config.trainer.processes, config.trainer.sharding
+    with tempfile.TemporaryDirectory() as tmp:
+        anchor = checkpoint_folder(store, anchor_version, os.path.join(tmp, "anchor"))  # a copy on local disk when the store is remote
+        base = checkpoint_folder(store, base_version(store, anchor_version), os.path.join(tmp, "base")) if lora.is_adapter_folder(anchor) else None
+        update_job.write_job(
+            job, examples, trainer_config, anchor=anchor, base=base, policy=lm_config(config, training=True), lora=lora_settings(config), lora_seed=config.seed + round, checkpoint_dir=work
+        )  # fmt: skip
+        log(f"{anchor_version} → {new}: {len(examples)} examples, {n} processes ({how}), job folder {job}")
+        run_module("solvers.update_job", [str(job)], n, error_dir=job / update_job.ERRORS, log=log, what=f"the update to {new} ({n} processes, {how})")
+    return json.loads((job / update_job.METRICS).read_text())["summary"], job / update_job.RESULT
+
+
+def _release_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def update_examples(store: Store, config: CampaignConfig, *, round: int, phase: str, sampled_version: str, oracle_ids: set[str], anchor, load) -> list:

@@ -186,16 +186,17 @@ def judged_pairs(store: Store, *, oracle_ids: set[str], up_to_round: int) -> lis
     ]
 
 
-def update_policy(store: Store, config: CampaignConfig, world: World, *, round: int, phase: str, sampled_version: str, oracle_ids: set[str]) -> dict:
+def update_policy(store: Store, config: CampaignConfig, world: World, *, round: int, phase: str, sampled_version: str, oracle_ids: set[str], log=None) -> dict:
     """The solver's step on the judged pairs; writes the new version's checkpoint (once), with the update's
-    metrics beside it. When the checkpoint is already stored, returns those metrics again."""
+    metrics beside it. When the checkpoint is already stored, returns those metrics again. ``log(line)``:
+    where a causal-LM update launched under torchrun streams its processes' output."""
     new = version(round, phase)
     if has_checkpoint(store, new):
         return {**stored_update_metrics(store, new), "version": new, "already_stored": True}
     if config.policy.kind == "causal_lm":
         from pipelines.lm_update import update_causal_lm
 
-        return update_causal_lm(store, config, world, round=round, phase=phase, sampled_version=sampled_version, oracle_ids=oracle_ids)
+        return update_causal_lm(store, config, world, round=round, phase=phase, sampled_version=sampled_version, oracle_ids=oracle_ids, log=log)
     anchor = load_policy(store, version(round - 1), config, world)
     algorithm = config.solver.entry
     two_phase = phase == "update" and algorithm.half_step is not None

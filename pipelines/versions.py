@@ -8,6 +8,7 @@ a version's policy.
                              (data/checkpoints.py; a store written before has checkpoints/v<N>/_COMPLETE);
                              an adapter's names its base version (``"base": "v0"``)
     checkpoints/.work-v<N>/  step checkpoints of the unfinished update that makes v<N>
+    checkpoints/.job-v<N>/   that update's job when it runs under torchrun (trainer.processes > 1)
 """
 
 from __future__ import annotations
@@ -55,6 +56,11 @@ def checkpoint_dir(version: str) -> str:
 def work_dir(version: str) -> str:
     """Where the update that makes ``version`` keeps its step checkpoints until it finishes."""
     return f"checkpoints/.work-{version}"
+
+
+def job_dir(version: str) -> str:
+    """Where an update launched under torchrun keeps its job (examples, configs, rank 0's result)."""
+    return f"checkpoints/.job-{version}"
 
 
 def has_checkpoint(store: Store, version: str) -> bool:

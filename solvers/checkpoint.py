@@ -2,7 +2,9 @@
 
 A checkpoint is a folder: the model's ``save_pretrained`` (safetensors, config, generation config), the
 tokenizer, and ``trainer_state.pt`` (the AdamW state; within an update also the scheduler, the step
-counter, the metrics so far and a fingerprint of the update it belongs to). It is written into a hidden
+counter, the metrics so far and a fingerprint of the update it belongs to). A step checkpoint of an
+update sharded with FSDP2 keeps AdamW's state in ``optimizer/`` instead, one part per process
+(torch.distributed.checkpoint), and its weights gathered whole (solvers/sharding.py). It is written into a hidden
 sibling folder ``.<name>.partial-<random>`` and renamed when complete (files fsynced first), then marked
 complete by its manifest ``<name>.json`` beside it (data/checkpoints.py, the one rule for every
 checkpoint): readers take only a folder with a manifest, so a process killed while writing leaves
@@ -28,18 +30,30 @@ from safetensors.torch import load_file
 
 from data import Store
 from data import checkpoints as marks
+from solvers import sharding
 
 TRAINER_STATE = "trainer_state.pt"
+OPTIMIZER_FOLDER = "optimizer"  # AdamW's state of a sharded update, one part per process
 STEP_PREFIX = "step-"
 
 
 def save_checkpoint(
-    path: str | os.PathLike, model, tokenizer, trainer_state: dict | None = None, *, overwrite: bool = False, manifest: dict | None = None
+    path: str | os.PathLike,
+    model,
+    tokenizer,
+    trainer_state: dict | None = None,
+    *,
+    overwrite: bool = False,
+    manifest: dict | None = None,
+    state_dict: dict | None = None,
+    move_in: dict[str, Path] | None = None,
 ) -> Path:
     """Write model (safetensors; a LoRA model's ``save_pretrained`` writes its adapter alone), tokenizer
     (None: none) and ``trainer_state`` (torch.save; tensors, numbers, strings, lists and dicts only) into
     the folder ``path``, atomically, then its ``manifest`` (which marks it complete). Refuses an existing
-    ``path`` unless ``overwrite``. Returns ``path``."""
+    ``path`` unless ``overwrite``. Returns ``path``. ``state_dict``: the weights to write instead of the
+    model's own (a sharded model's, gathered); ``move_in``: {name: folder} moved into the checkpoint
+    before it is complete."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
@@ -48,9 +62,11 @@ def save_checkpoint(
     marks.unmark(store, name)  # replacing: not complete until the new manifest is written
     partial = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
-        model.save_pretrained(partial)
+        model.save_pretrained(partial, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(partial)
+        for inside, folder in (move_in or {}).items():
+            os.rename(folder, partial / inside)
         if trainer_state is not None:
             torch.save(trainer_state, partial / TRAINER_STATE)
         _fsync_folder(partial)
@@ -76,15 +92,21 @@ def _local(path: Path) -> tuple[Store, str]:
     return Store(path.parent), path.name
 
 
-def load_weights(model, path: str | os.PathLike) -> None:
-    """Copy the weights of checkpoint ``path`` into ``model`` (same architecture), in place. Tied
-    weights that ``save_pretrained`` stored once are filled through their twin."""
+def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The weights of checkpoint ``path`` (every .safetensors file in it), on the CPU."""
     files = sorted(Path(path).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{path} holds no .safetensors weights")
     state = {}
     for f in files:
         state.update(load_file(f))
+    return state
+
+
+def load_weights(model, path: str | os.PathLike) -> None:
+    """Copy the weights of checkpoint ``path`` into ``model`` (same architecture), in place. Tied
+    weights that ``save_pretrained`` stored once are filled through their twin."""
+    state = read_weights(path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected:
         raise ValueError(f"{path} has weights the model lacks: {unexpected[:5]}")
@@ -104,17 +126,31 @@ def load_trainer_state(path: str | os.PathLike) -> dict | None:
 def save_step(directory: str | os.PathLike, run, tokenizer) -> Path:
     """The checkpoint of a training run after ``run.step`` optimizer steps (rank 0 writes, the others
     wait), then prune to ``run.config.keep_checkpoints``. ``run`` has: module, optimizer, scheduler,
-    step, history, fingerprint (of its examples and config), rank, world, config."""
+    step, history, fingerprint (of its examples and config), rank, world, config; and ``fsdp`` when its
+    module is sharded: then every rank gathers the weights to rank 0 and writes its part of AdamW's
+    state into a staged folder that rank 0 moves into the checkpoint."""
     path = step_checkpoint(directory, run.step)
+    fsdp = getattr(run, "fsdp", False)
+    weights, staged = None, Path(directory) / f".{path.name}.optimizer"
+    if fsdp:
+        from solvers.lora import is_lora  # solvers.lora imports this module
+
+        weights = sharding.full_model_state(run.module, trainable_only=is_lora(run.module))
+        if run.rank == 0:
+            shutil.rmtree(staged, ignore_errors=True)  # a leftover of a killed save
+        sharding.barrier(run.world)
+        sharding.save_sharded_optimizer(run.module, run.optimizer, staged)
+        sharding.barrier(run.world)
     if run.rank == 0:
         state = {
-            "optimizer": run.optimizer.state_dict(),
             "scheduler": run.scheduler.state_dict(),
             "step": run.step,
             "history": run.history,
             "fingerprint": run.fingerprint,
         }
-        save_checkpoint(path, run.module, tokenizer, state, overwrite=True)
+        if not fsdp:
+            state["optimizer"] = run.optimizer.state_dict()
+        save_checkpoint(path, run.module, tokenizer, state, overwrite=True, state_dict=weights, move_in={OPTIMIZER_FOLDER: staged} if fsdp else None)
         prune_checkpoints(directory, run.config.keep_checkpoints)
     if run.world > 1:
         torch.distributed.barrier()
@@ -132,7 +168,12 @@ def resume_step(directory: str | os.PathLike, run, load=None) -> Path | None:
     if saved.get("fingerprint") != run.fingerprint:
         raise ValueError(f"{path} belongs to another training run (another update: other examples or config); use a fresh checkpoint_dir or delete it")
     (load or load_weights)(run.module, path)
-    run.optimizer.load_state_dict(saved["optimizer"])
+    if (path / OPTIMIZER_FOLDER).is_dir():
+        sharding.load_sharded_optimizer(run.module, run.optimizer, path / OPTIMIZER_FOLDER)
+    elif getattr(run, "fsdp", False):
+        sharding.load_full_optimizer_state(run.module, run.optimizer, saved["optimizer"])
+    else:
+        run.optimizer.load_state_dict(saved["optimizer"])
     run.scheduler.load_state_dict(saved["scheduler"])
     run.step, run.history = saved["step"], list(saved["history"])
     return path

@@ -139,6 +139,17 @@ def load_weights(model: PeftModel, folder: str | os.PathLike) -> None:
         raise ValueError(f"{folder}: adapter weights do not fit the model's adapter (unexpected {unexpected[:3]}, missing {missing[:3]})")
 
 
+def model_state(model: PeftModel, folder: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The adapter weights saved in ``folder`` under ``model``'s own state-dict names (its trained
+    adapter's), for a sharded model, which loads a whole state dict on every rank."""
+    saved = load_file(Path(folder) / ADAPTER_WEIGHTS)
+    names = {name: name.replace(f".{TRAINED}.", ".") for name, p in model.named_parameters() if p.requires_grad}
+    missing, unexpected = sorted(set(names.values()) - set(saved)), sorted(set(saved) - set(names.values()))
+    if missing or unexpected:
+        raise ValueError(f"{folder}: adapter weights do not fit the model's adapter (unexpected {unexpected[:3]}, missing {missing[:3]})")
+    return {name: saved[key] for name, key in names.items()}
+
+
 @contextmanager
 def _quiet() -> Iterator[None]:
     """peft 0.21 reads a property transformers 5.2x deprecated (a FutureWarning per adapter made): not ours to act on."""

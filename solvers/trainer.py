@@ -9,8 +9,9 @@ gradients, once per micro-batch (y and y' in one pass); μ and the past iterates
 
 One optimizer step (:func:`train_step`) reads top to bottom: score → loss → backward → step → metrics.
 Around it: AdamW with warm-up and linear/cosine decay, gradient clipping, micro-batches with gradient
-accumulation, batches bucketed by length, bf16 autocast on CUDA, DDP when torch.distributed is
-initialized (``torchrun``; gloo on CPU, NCCL on GPUs; :func:`init_distributed`), periodic atomic
+accumulation, batches bucketed by length, bf16 autocast on CUDA, DDP or FSDP2 when torch.distributed is
+initialized (``torchrun``; gloo on CPU, NCCL on GPUs; :func:`init_distributed`; ``sharding``:
+solvers/sharding.py; solvers/update_job.py is the entry point a launch runs), periodic atomic
 checkpoints that a killed update resumes from (solvers/checkpoint.py), and a clear error naming the
 examples of a batch whose loss is not finite.
 
@@ -41,7 +42,7 @@ import torch
 import torch.distributed as dist
 
 from data.keys import stable_hash
-from solvers import algorithms, lora, losses
+from solvers import algorithms, lora, losses, sharding
 from solvers import checkpoint as ckpt
 from solvers.causal_lm import CausalLMPolicy, pack, sequence_logprobs
 
@@ -106,11 +107,14 @@ class TrainerConfig(StepConfig):
     loss_config: Any = None  # its loss's config, e.g. losses.INPOConfig(eta=0.01); None: the loss's defaults
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
     compile: bool = False  # torch.compile the policy's forward (CUDA; first steps slower)
+    sharding: str = "ddp"  # several processes: "ddp" (each holds the whole model) or "fsdp" (FSDP2: each holds 1/N of it); solvers/sharding.py
 
-    OPERATIONAL = (*StepConfig.OPERATIONAL, "compile")
+    OPERATIONAL = (*StepConfig.OPERATIONAL, "compile", "sharding")
 
     def __post_init__(self):
         super().__post_init__()
+        if self.sharding not in sharding.SHARDINGS:
+            raise ValueError(f"sharding must be one of {', '.join(sharding.SHARDINGS)}, got {self.sharding!r}")
         spec = self.algorithm.loss
         if self.loss_config is not None and not isinstance(self.loss_config, spec.config):
             raise TypeError(f"loss_config for {self.loss} must be a {spec.config.__name__}, got {type(self.loss_config).__name__}")
@@ -196,15 +200,20 @@ def update(
     try:
         # a LoRA model's step checkpoints hold its adapter alone (the tokenizer and base weights never change)
         adapter = lora.is_lora(state.module)
-        tokenizer, load = (None, lora.load_weights) if adapter else (state.policy.tokenizer, None)
-        last, ran = run_steps(state, train_step, tokenizer, checkpoint_dir=checkpoint_dir, on_step=on_step, load=load)
+        if state.fsdp:  # every rank reads the whole checkpoint and keeps its shard
+            load = lambda module, path: sharding.load_full_model_state(module, lora.model_state(module, path) if adapter else ckpt.read_weights(path))  # noqa: E731
+        else:
+            load = lora.load_weights if adapter else None
+        last, ran = run_steps(state, train_step, None if adapter else state.policy.tokenizer, checkpoint_dir=checkpoint_dir, on_step=on_step, load=load)
     finally:
         finish_update(state)
     tokens = sum(h["perf/tokens_per_s"] * h["perf/step_s"] for h in ran)
     seconds = time.perf_counter() - started
     summary = _means(state.history)
     summary.update({"perf/seconds": seconds, "perf/steps": float(len(state.plan)), "perf/tokens_per_s": tokens / seconds if seconds > 0 else 0.0})
-    return UpdateResult(state.history, summary, state.optimizer.state_dict(), last)
+    # FSDP: gathered onto rank 0 (the other ranks get {}), in the single-process format
+    optimizer_state = sharding.full_optimizer_state(state.module, state.optimizer) if state.fsdp else state.optimizer.state_dict()
+    return UpdateResult(state.history, summary, optimizer_state, last)
 
 
 @dataclass
@@ -213,7 +222,7 @@ class UpdateState:
 
     config: TrainerConfig
     policy: CausalLMPolicy
-    module: torch.nn.Module  # the policy's model (what is saved)
+    module: torch.nn.Module  # the policy's model (what is saved; sharded in place under FSDP)
     model: torch.nn.Module  # what runs forward: the module, or its DDP / compiled wrapper
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -227,18 +236,20 @@ class UpdateState:
     history: list[dict[str, float]] = field(default_factory=list)
     fingerprint: str = ""  # identifies the update (examples + config) for resuming
     was_training: bool = False
+    fsdp: bool = False  # the module's parameters are sharded over the processes (FSDP2)
 
 
 def start_update(policy: CausalLMPolicy | tuple, examples: Sequence[Example], config: TrainerConfig, *, optimizer_state: dict | None = None) -> UpdateState:
-    """Encode the examples, plan the batches, put the model on its device (DDP-wrapped when
-    torch.distributed is initialized) and build AdamW and its schedule."""
+    """Encode the examples, plan the batches, put the model on its device (DDP-wrapped or sharded with
+    FSDP2 when torch.distributed is initialized: ``config.sharding``) and build AdamW and its schedule
+    over the parameters that require grad."""
     if isinstance(policy, tuple):
         policy = CausalLMPolicy(*policy)
     rank, world, device, autocast = placement(config)
     data = encode_examples(policy, examples, config)
     plan = plan_batches(data.lengths, config.global_batch(world), epochs=config.epochs, max_steps=config.max_steps, seed=config.seed, bucket_window=config.bucket_window)
 
-    module = policy.model.to(device)
+    module = policy.model
     was_training = module.training
     module.train()
     if config.gradient_checkpointing:  # transformers ≥ 5.2x renamed it activation checkpointing
@@ -246,20 +257,21 @@ def start_update(policy: CausalLMPolicy | tuple, examples: Sequence[Example], co
             module.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = module
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    model = sharding.wrap(module, config.sharding, device, world)  # FSDP2 moves each shard to the device itself
+    fsdp = sharding.is_sharded(module)
     if config.compile:
         model = torch.compile(model)
 
-    optimizer, scheduler = make_optimizer(module.parameters(), config, len(plan), device=device, optimizer_state=optimizer_state)
+    optimizer, scheduler = make_optimizer(module.parameters(), config, len(plan), device=device, optimizer_state=None if fsdp else optimizer_state)
+    if fsdp and optimizer_state is not None:
+        sharding.load_full_optimizer_state(module, optimizer, optimizer_state)
     fingerprint = config.fingerprint(world, *((e.id, e.prompt, e.y, e.y_other, e.p_hat, e.p_hat_other, e.ref_logp, e.prev_logp, e.older_logp, e.finished, e.tokens) for e in examples))
-    return UpdateState(config, policy, module, model, optimizer, scheduler, data, plan, device, autocast, rank, world, fingerprint=fingerprint, was_training=was_training)
+    return UpdateState(config, policy, module, model, optimizer, scheduler, data, plan, device, autocast, rank, world, fingerprint=fingerprint, was_training=was_training, fsdp=fsdp)
 
 
 def train_step(state: UpdateState, batch: list[int]) -> dict[str, float]:
     """One optimizer step on one global batch (example indices): score → loss → backward → step →
-    metrics. This process runs its micro-batches; gradients are averaged over processes by DDP."""
+    metrics. This process runs its micro-batches; gradients are averaged over processes by DDP or FSDP2."""
     cfg, data, n = state.config, state.data, len(batch)
     seed_dropout(cfg.seed * 1_000_003 + state.step)  # dropout, if any: replayed identically on resume
     started = time.perf_counter()
@@ -269,8 +281,7 @@ def train_step(state: UpdateState, batch: list[int]) -> dict[str, float]:
     my_slots = micro_batches(batch, cfg.micro_batch_size, cfg.grad_accum, state.world)[state.rank :: state.world]
     for a, (positions, rows) in enumerate(my_slots):
         real = len(positions)  # 0: an empty slot keeps DDP in step with a zero-weight copy of row 0
-        sync = state.model.no_sync() if state.world > 1 and a < len(my_slots) - 1 else nullcontext()
-        with sync:
+        with sharding.gradient_sync(state.module if state.fsdp else state.model, state.world, sync=a == len(my_slots) - 1):
             # score: log π_θ(y|x) (and log π_θ(y'|x)): the only forward pass, the only one with gradients
             seqs = pack(*data.sequences(rows), pad_id=state.policy.pad_id)
             if real:
@@ -281,7 +292,7 @@ def train_step(state: UpdateState, batch: list[int]) -> dict[str, float]:
             # loss: Δ_θ = log π_θ(y) − log π_θ(y') against the cached Δ_ref, Δ_t, … and P̂
             inputs = data.loss_inputs(logp, rows)
             per_pair, metrics = losses.compute(cfg.algorithm.loss, inputs, cfg.loss_cfg)
-            loss = per_pair.sum() * (state.world / n if real else 0.0)  # the mean over the global batch, after DDP's average
+            loss = per_pair.sum() * (state.world / n if real else 0.0)  # the mean over the global batch, after DDP's (FSDP2's) average
             # backward
             loss.backward()
         if real:
@@ -318,7 +329,7 @@ def checked_step(run, means: torch.Tensor, names: list[str], bad: torch.Tensor, 
     step, and ``run.step`` + 1. Returns (means, gradient norm, the learning rate the step used).
     ``run``: module, optimizer, scheduler, config, step, plan."""
     max_norm = run.config.max_grad_norm if run.config.max_grad_norm is not None else math.inf
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.module.parameters(), max_norm)
+    grad_norm = sharding.full_value(torch.nn.utils.clip_grad_norm_(run.module.parameters(), max_norm))  # FSDP2: over every shard
     *values, norm, n_bad = torch.cat([means.double(), grad_norm.reshape(1).double(), bad.sum().reshape(1).double()]).tolist()
     if n_bad > 0 or not all(math.isfinite(v) for v in [*values, norm]):
         run.optimizer.zero_grad(set_to_none=True)

@@ -132,7 +132,7 @@ def test_solver_configs_come_from_settings_whole():
     from solvers.trainer import TrainerConfig
 
     config = parse_config({**_raw_cascade(), "trainer": {"lr": 0.01, "epochs": 2, "compile": True}})
-    built = config_from_settings(TrainerConfig, config.trainer, pipeline_only={"window"}, loss="inpo", seed=3)
+    built = config_from_settings(TrainerConfig, config.trainer, pipeline_only=TrainerSettings.PIPELINE_ONLY, loss="inpo", seed=3)
     assert (built.lr, built.epochs, built.compile, built.seed) == (0.01, 2, True, 3)
     assert config_from_settings(PreferenceTrainConfig, config.oracle.train, device="cpu").lr == config.oracle.train.lr
     with pytest.raises(TypeError, match="window"):  # a setting the trainer would silently drop is refused
