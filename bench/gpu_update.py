@@ -5,6 +5,7 @@
     python bench/gpu_update.py --smoke          # any machine: a tiny model, 2 CPU processes (gloo, FSDP2), seconds
     python bench/gpu_update.py --processes 4 --sharding fsdp     # 4 GPUs (torchrun, NCCL), FSDP2
     python bench/gpu_update.py --fit            # also: the largest Llama shape whose update fits one GPU
+    python bench/gpu_update.py --lora           # a LoRA adapter (r 16, every linear layer) on the frozen model
 
 The model is built from a config (random weights, no download): TinyLlama-1.1B's shape (hidden 2048,
 22 layers, 32 heads with 4 key-value heads, MLP 5632, vocabulary 32000, untied output layer). Every
@@ -37,7 +38,12 @@ reduction: solvers/sharding.py): the global batch is N times one process's; ``to
 processes, ``mfu`` divides by N peaks, ``peak_memory_bytes`` is the most any one GPU allocated.
 ``--fit`` (CUDA, one process) steps through Llama shapes of growing depth and width (1B, 3B, 8B, 13B)
 and reports in ``largest_params_fit`` the largest whose update (micro-batch of 1 pair, AdamW, fp32
-master weights) runs on the GPU; null otherwise. ``--lora``: LoRA is not in nashflow yet.
+master weights) runs on the GPU, full fine-tuning and LoRA (``{"full": …, "lora": …}``); null otherwise.
+
+``--lora`` (``--lora-rank``, default 16) trains a LoRA adapter on every linear layer (solvers/lora.py; needs
+``peft``) with the model frozen: no weight gradients and no AdamW state for the base, so a step costs about
+4·N (forward 2·N, the gradient through the frozen weights 2·N) plus 6 per adapter parameter, and ``mfu``
+counts those FLOPs, not 6·N.
 No multi-GPU figure has been measured yet (no GPU was available when this was written).
 """
 
@@ -79,6 +85,25 @@ def peak_flops(device: torch.device, override: float | None) -> float | None:
     return next((peak for key, peak in PEAKS.items() if key in name), None)
 
 
+def with_adapter(policy, args):
+    """The policy as ``--lora`` trains it: a LoRA adapter on every linear layer, the model frozen."""
+    if not args.lora:
+        return policy
+    from solvers import lora
+
+    return lora.for_training(policy, lora.LoraSettings(r=args.lora_rank, alpha=2.0 * args.lora_rank), seed=0)
+
+
+def step_flops_per_token(model, lora: bool) -> float:
+    """6·N for full fine-tuning; with LoRA 4·N for the frozen matrices plus 6 per adapter parameter.
+    N: the parameters that do matrix products (all but the input embedding, a lookup)."""
+    embedding = model.get_input_embeddings().weight
+    matmul = [p for p in model.parameters() if p is not embedding]
+    if not lora:
+        return 6.0 * sum(p.numel() for p in matmul)
+    return sum((6.0 if p.requires_grad else 4.0) * p.numel() for p in matmul)
+
+
 def measure(policy, args, pairs: int, device: torch.device, seq_len: int, prompt_tokens: int):
     """Warm up, then time ``args.steps`` update steps on one fixed global batch."""
     cfg = trainer.TrainerConfig(
@@ -117,12 +142,17 @@ def measure(policy, args, pairs: int, device: torch.device, seq_len: int, prompt
 
 def largest_params_fit(args, device: torch.device) -> dict | None:
     """The largest of FIT_SHAPES whose update step runs on this GPU (1 pair per micro-batch, 2 steps),
-    by parameter count; the search stops at the first shape that runs out of memory."""
-    fit = None
+    by parameter count, full fine-tuning and LoRA; each search stops at the first shape that runs out of memory."""
+    return {"full": _largest_fit(argparse.Namespace(**{**vars(args), "lora": False}), device), "lora": _largest_fit(argparse.Namespace(**{**vars(args), "lora": True}), device)}
+
+
+def _largest_fit(args, device: torch.device) -> dict | None:
+    fit, policy = None, None
     for name, shape in FIT_SHAPES.items():
         try:
             with torch.device(device):
-                policy = build_policy(**shape, context=args.seq_len + 1, device=device.type)
+                policy = with_adapter(build_policy(**shape, context=args.seq_len + 1, device=device.type), args)
+            torch.cuda.reset_peak_memory_stats(device)
             measure(policy, argparse.Namespace(**{**vars(args), "warmup": 1, "steps": 1, "max_seconds": 60}), 1, device, args.seq_len, args.seq_len // 8)
             fit = {"shape": name, "params": sum(p.numel() for p in policy.model.parameters()), "peak_memory_bytes": torch.cuda.max_memory_allocated(device)}
         except torch.cuda.OutOfMemoryError:
@@ -131,7 +161,7 @@ def largest_params_fit(args, device: torch.device) -> dict | None:
             policy = None
             gc.collect()
             torch.cuda.empty_cache()
-    return {"full": fit, "lora": None}  # LoRA: not in nashflow yet
+    return fit
 
 
 def main() -> None:
@@ -150,10 +180,9 @@ def main() -> None:
     ap.add_argument("--processes", type=int, default=None, help="processes under torchrun (one per GPU); default 1, smoke 2")
     ap.add_argument("--sharding", choices=["ddp", "fsdp"], default=None, help="with processes > 1; default ddp, smoke fsdp")
     ap.add_argument("--fit", action="store_true", help="CUDA, one process: also find the largest Llama shape whose update fits the GPU")
-    ap.add_argument("--lora", action="store_true", help="not yet: LoRA is not in nashflow yet")
+    ap.add_argument("--lora", action="store_true", help="train a LoRA adapter on every linear layer, the model frozen (needs peft)")
+    ap.add_argument("--lora-rank", type=int, default=16)
     args = ap.parse_args()
-    if args.lora:
-        raise SystemExit("--lora: not yet. LoRA adapters are not in nashflow yet; this option will measure them once they are")
     args.processes = args.processes or (2 if args.smoke else 1)
     args.sharding = args.sharding or ("fsdp" if args.smoke else "ddp")
     if args.processes > 1 and "WORLD_SIZE" not in os.environ:  # start this script under torchrun; rank 0 prints the line
@@ -174,9 +203,11 @@ def main() -> None:
 
     started = time.perf_counter()
     with torch.device(device):  # initialize on the GPU directly: a CPU init of 1.1B weights takes minutes
-        policy = build_policy(**shape, context=seq_len + 1, device=device.type)
+        policy = with_adapter(build_policy(**shape, context=seq_len + 1, device=device.type), args)
     n_params = sum(p.numel() for p in policy.model.parameters())
     n_matmul = n_params - policy.model.get_input_embeddings().weight.numel()
+    flops_per_token = step_flops_per_token(policy.model, args.lora)
+    trainable = sum(p.numel() for p in policy.model.parameters() if p.requires_grad)
     while True:  # out of GPU memory: halve the micro-batch, double the accumulation (same tokens per step)
         try:
             state, steps, tokens, seconds = measure(policy, args, pairs, device, seq_len, prompt_tokens)
@@ -204,11 +235,13 @@ def main() -> None:
     print(json.dumps({
         "bench": "gpu_update",
         "tokens_per_s": round(tokens_per_s, 1),
-        "mfu": round(6 * n_matmul * tokens_per_s / (peak * world), 4) if peak else None,
+        "mfu": round(flops_per_token * tokens_per_s / (peak * world), 4) if peak else None,
         "device": torch.cuda.get_device_name(device) if cuda else "cpu",
         "peak_flops": peak,
         "params": n_params,
         "matmul_params": n_matmul,
+        "trainable_params": trainable,
+        "lora_rank": args.lora_rank if args.lora else None,
         "seq_len": seq_len,
         "sequences_per_step": sequences,
         "micro_batch_pairs": pairs,

@@ -25,27 +25,37 @@ from pipelines import flows, stages, torchrun
 from pipelines.config import default_config_path, load_config
 from pipelines.world import World
 from solvers import checkpoint as ckpt
-from solvers import sharding, trainer, update_job
+from solvers import lora, sharding, trainer, update_job
 from solvers.causal_lm import CausalLMConfig, tiny_policy
 from solvers.trainer import TrainerConfig
 
 pytestmark = pytest.mark.slow
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
+LORA = lora.LoraSettings(r=4, alpha=8.0)
 
 
 def job_config(*, grad_accum: int, sharding: str = "ddp", **more) -> TrainerConfig:
     return TrainerConfig(loss="dpo", lr=1e-2, micro_batch_size=2, grad_accum=grad_accum, max_steps=4, warmup_steps=1, schedule="cosine", sharding=sharding, **more)
 
 
-def launch(tmp_path: Path, config: TrainerConfig, examples, processes: int = 2) -> tuple[Path, list[str]]:
-    """The anchor (the tiny model with an AdamW state, as a round's checkpoint has) and the job,
-    launched under torchrun as the update stage does. Returns (the job folder, the log lines)."""
-    anchor, job = tmp_path / "anchor", tmp_path / "job"
+def launch(tmp_path: Path, config: TrainerConfig, examples, processes: int = 2, *, adapter: bool = False) -> tuple[Path, list[str]]:
+    """The anchor (the tiny model with an AdamW state, as a round's checkpoint has; ``adapter``: a LoRA
+    adapter with its AdamW state, on the tiny model as its base) and the job, launched under torchrun as
+    the update stage does. Returns (the job folder, the log lines)."""
+    anchor, base, job = tmp_path / "anchor", tmp_path / "base", tmp_path / "job"
     if not anchor.exists():
         policy = tiny_policy(seed=0)
-        ckpt.save_checkpoint(anchor, policy.model, policy.tokenizer, {"optimizer": anchor_optimizer_state(policy)})
-    update_job.write_job(job, examples, config, anchor=anchor, policy=CausalLMConfig(dtype="float32"), checkpoint_dir=tmp_path / "work")
+        if adapter:
+            ckpt.save_checkpoint(base, policy.model, policy.tokenizer)
+            trained = lora.for_training(tiny_policy(seed=0), LORA, seed=1)
+            state = trainer.update(trained, make_examples(policy, 2), TrainerConfig(loss="dpo", lr=1e-2, micro_batch_size=2)).optimizer_state
+            ckpt.save_checkpoint(anchor, trained.model, None, {"optimizer": state})
+        else:
+            ckpt.save_checkpoint(anchor, policy.model, policy.tokenizer, {"optimizer": anchor_optimizer_state(policy)})
+    update_job.write_job(
+        job, examples, config, anchor=anchor, base=base if adapter else None, lora=LORA if adapter else None, policy=CausalLMConfig(dtype="float32"), checkpoint_dir=tmp_path / "work"
+    )  # fmt: skip
     lines: list[str] = []
     torchrun.run_module("solvers.update_job", [str(job)], processes, error_dir=job / update_job.ERRORS, log=lines.append, what="the test update")
     return job, lines
@@ -57,28 +67,40 @@ def anchor_optimizer_state(policy) -> dict:
     return result.optimizer_state
 
 
-@pytest.mark.parametrize("how", ["ddp", "fsdp"])
-def test_two_processes_follow_the_one_process_update(tmp_path, how):
+@pytest.mark.parametrize("how,adapter", [("ddp", False), ("fsdp", False), ("ddp", True), ("fsdp", True)], ids=["ddp", "fsdp", "ddp-lora", "fsdp-lora"])
+def test_two_processes_follow_the_one_process_update(tmp_path, how, adapter):
     """2 processes × micro 2 × accum 1 against 1 process × micro 2 × accum 2 (the same global batch of
     4), from an anchor with AdamW moments. FSDP also checkpoints its activations (recomputed in backward)
-    and writes sharded step checkpoints."""
+    and writes sharded step checkpoints. With LoRA the anchor is an adapter on its base, and the
+    processes train and save the adapter alone."""
     policy = tiny_policy(seed=0)
     examples = make_examples(policy)
     extra = {"gradient_checkpointing": True, "checkpoint_every": 2} if how == "fsdp" else {}
-    job, lines = launch(tmp_path, job_config(grad_accum=1, sharding=how, **extra), examples)
+    job, lines = launch(tmp_path, job_config(grad_accum=1, sharding=how, **extra), examples, adapter=adapter)
 
-    one = tiny_policy(seed=0)
-    single = trainer.update(one, examples, job_config(grad_accum=2), optimizer_state=ckpt.load_trainer_state(tmp_path / "anchor")["optimizer"])
+    if adapter:
+        one, anchor_state = lora.load_checkpoint(tmp_path / "base", tmp_path / "anchor")
+        one = lora.for_training(one, LORA)
+    else:
+        one, anchor_state = tiny_policy(seed=0), ckpt.load_trainer_state(tmp_path / "anchor")["optimizer"]
+    single = trainer.update(one, examples, job_config(grad_accum=2), optimizer_state=anchor_state)
     launched = json.loads((job / update_job.METRICS).read_text())
     assert launched["processes"] == 2 and launched["sharding"] == how
     torch.testing.assert_close(torch.tensor([h["loss/dpo"] for h in launched["history"]]), torch.tensor([h["loss/dpo"] for h in single.history]), **TOL)
     torch.testing.assert_close(torch.tensor([h["optim/grad_norm"] for h in launched["history"]]), torch.tensor([h["optim/grad_norm"] for h in single.history]), **TOL)
     assert single.history[-1]["loss/dpo"] < single.history[0]["loss/dpo"]
-    # rank 0's checkpoint: the whole model, and AdamW's state gathered into the one-process format
-    assert ckpt.is_complete(job / update_job.RESULT)
-    saved = ckpt.read_weights(job / update_job.RESULT)
-    assert_same_weights(saved, weights(one.model), **TOL)
-    moments = ckpt.load_trainer_state(job / update_job.RESULT)["optimizer"]["state"]
+    # rank 0's checkpoint: the whole model (or the adapter alone), and AdamW's state gathered into the one-process format
+    result = job / update_job.RESULT
+    assert ckpt.is_complete(result)
+    if adapter:
+        assert lora.is_adapter_folder(result) and not (result / "model.safetensors").exists()
+        trained = {n: p.detach() for n, p in one.model.named_parameters() if p.requires_grad}
+        assert_same_weights(lora.model_state(one.model, result), trained, **TOL)
+        steps = {f.name for f in ckpt.latest_checkpoint(tmp_path / "work").iterdir()} if how == "fsdp" else set()
+        assert "model.safetensors" not in steps  # a step checkpoint gathers the adapter alone
+    else:
+        assert_same_weights(ckpt.read_weights(result), weights(one.model), **TOL)
+    moments = ckpt.load_trainer_state(result)["optimizer"]["state"]
     assert moments.keys() == single.optimizer_state["state"].keys()
     for i, state in single.optimizer_state["state"].items():
         torch.testing.assert_close(moments[i]["exp_avg_sq"], state["exp_avg_sq"], rtol=1e-4, atol=1e-9)
@@ -119,10 +141,14 @@ def campaign_config(tmp_path: Path, name: str = "store", **over):
     return load_config(default_config_path(), store=str(tmp_path / name), **settings)
 
 
+LORA_POLICY = {"kind": "causal_lm", "model": "tiny", "lora": {"r": 4, "alpha": 8.0}}
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, prefect_harness):
-    """A one-round campaign whose update runs in 2 FSDP processes, untouched."""
-    config = campaign_config(tmp_path_factory.mktemp("uninterrupted"))
+    """A two-round LoRA campaign whose updates run in 2 FSDP processes, untouched: round 1 puts a new
+    adapter on v0, round 2 trains v1's adapter further on its base."""
+    config = campaign_config(tmp_path_factory.mktemp("uninterrupted"), rounds=2, policy=LORA_POLICY)
     flows.alignment_campaign(config)
     return config
 
@@ -130,9 +156,14 @@ def uninterrupted(tmp_path_factory, prefect_harness):
 def test_a_campaign_updates_in_two_processes_through_prefect(uninterrupted):
     store = Store(uninterrupted.store)
     table = rounds_table(store)
-    assert list(table["round"]) == [1] and table["loss/inpo"].notna().all() and table["perf/tokens_per_s"].gt(0).all()
+    assert list(table["round"]) == [1, 2] and table["loss/inpo"].notna().all() and table["perf/tokens_per_s"].gt(0).all()
     assert_store_holds_only_complete_checkpoints(store)
-    assert sorted(marks.complete_checkpoints(store, "checkpoints")) == ["v0", "v1"]
+    assert sorted(marks.complete_checkpoints(store, "checkpoints")) == ["v0", "v1", "v2"]
+    for v in ("v1", "v2"):  # adapters on v0, as an update in one process stores them
+        folder = Path(store.local_path(f"checkpoints/{v}"))
+        assert lora.is_adapter_folder(folder) and not (folder / "model.safetensors").exists()
+        assert marks.read_manifest(store, f"checkpoints/{v}")["base"] == "v0"
+    assert ckpt.read_weights(store.local_path("checkpoints/v1")).keys() == ckpt.read_weights(store.local_path("checkpoints/v2")).keys()
 
 
 def test_a_killed_rank_is_resumed_by_the_task_retry(tmp_path, monkeypatch, uninterrupted):
@@ -140,7 +171,7 @@ def test_a_killed_rank_is_resumed_by_the_task_retry(tmp_path, monkeypatch, unint
     negative exit code, is retried, and the second launch resumes from step 2's checkpoint."""
     marker = tmp_path / "killed"
     monkeypatch.setenv(update_job.KILL_ENV, f"1:2:{marker}")
-    config = campaign_config(tmp_path)
+    config = campaign_config(tmp_path, policy=LORA_POLICY)  # round 1 of the uninterrupted campaign
     store = Store(config.store)
     launches, failures = [], []
     real = torchrun.run_module
@@ -186,15 +217,19 @@ def assert_store_holds_only_complete_checkpoints(store: Store, during_update: bo
             assert ckpt.is_complete(step), f"{step.name} has no manifest"
 
 
-def test_the_gpu_bench_smoke_runs_two_fsdp_processes_on_the_cpu():
+@pytest.mark.parametrize("adapter", [False, True], ids=["full", "lora"])
+def test_the_gpu_bench_smoke_runs_two_fsdp_processes_on_the_cpu(adapter):
     """bench/gpu_update.py --smoke: the script starts itself under torchrun (2 gloo processes, FSDP2)."""
     import subprocess
     import sys
 
     root = Path(__file__).resolve().parent.parent
-    proc = subprocess.run([sys.executable, "bench/gpu_update.py", "--smoke", "--warmup", "1", "--steps", "2"], cwd=root, capture_output=True, text=True, timeout=300)
+    command = [sys.executable, "bench/gpu_update.py", "--smoke", "--warmup", "1", "--steps", "2", *(["--lora", "--lora-rank", "4"] if adapter else [])]
+    proc = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = json.loads(proc.stdout.strip().splitlines()[-1])
     assert line["processes"] == 2 and line["sharding"] == "fsdp" and line["steps_timed"] == 2 and line["tokens_per_s"] > 0
+    assert (line["trainable_params"] < line["params"] / 4) if adapter else (line["trainable_params"] == line["params"])
+    assert line["lora_rank"] == (4 if adapter else None)
     assert line["sequences_per_step"] == 16  # 2 processes × 2 pairs × 2 accumulation × 2 sequences
     assert line["largest_params_fit"] is None and line["peak_memory_bytes"] is None  # CUDA only
