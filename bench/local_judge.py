@@ -23,11 +23,14 @@ prompt, the default pairing ``all_pairs``).
 
 All variants run interleaved (the server is up throughout and idle while the others run), ``--repeats``
 times each after a warm-up; each figure is the median.
-Measured (SmolLM2-135M fp32, 1 thread on 2 cores shared with other jobs at load 3–8, Dec 2026,
-``--model <its converted folder> --prompts 1 --responses 4 --repeats 2 --threads 1 --http-pairs 3``),
-two runs: pairs_per_s 0.168 / 0.214, naive 0.113 / 0.091, speedup_vs_naive 1.48 / 2.36 (the goal of 3
-is not reached on this CPU with the default pairing), both_orders 4.41 / 4.54× naive, the shared
-prefix 1.51 / 1.94× whole sequences, http 0.103 pairs/s (second run). On a CPU the forward is compute-bound,
+Measured (SmolLM2-135M fp32, 1 thread on 2 cores, Dec 2026, ``--model <its converted folder> --prompts 1
+--responses 4 --repeats 2 --threads 1 --no-http``, the prefix shared through transformers' own key-value
+cache): pairs_per_s 0.333, whole 0.182, naive 0.150, speedup_vs_naive 2.22 (the goal of 3 is not reached
+on this CPU with the default pairing: the naive loop asks one order, the judge both, so per sequence
+read it is 4.4× the naive loop), both_orders 4.54× naive, the shared prefix 1.83× whole sequences,
+agreement with the naive answers 7e-7. An earlier run with the hand-written forward (since removed),
+at load 3–8: speedup 1.48 / 2.36, shared prefix 1.51 / 1.94× whole; the served judge (``transformers
+serve``, llm_judge, both orders) 0.103 pairs/s. On a CPU the forward is compute-bound,
 so batching alone gains little (whole ≈ naive); what pays is reading fewer tokens: the template's head and
 the prompt once per prompt, and a conversation asked twice once. The ~75 instruction tokens after the
 responses (which must come last, oracles/judge_template.py) are read per sequence.
