@@ -24,6 +24,16 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class MachineOracleSettings(Strict):
+    """What every machine oracle's settings say besides their own fields."""
+
+    @property
+    def compares_orders(self) -> bool:
+        """Whether each answer comes from both orders of the pair, so that two disagreeing orders can
+        send it on to people in a cascade (oracles/cascade.py's ``OrdersAgree``)."""
+        return False
+
+
 class GameSpec(Strict):
     """One prompt of the tabular world: a finite game over responses y0 … y{n−1}."""
 
@@ -50,7 +60,7 @@ class TabularPolicyConfig(Strict):
     seed: int = Field(0, description="seed of the reference policy")
 
 
-class MatrixOracleConfig(Strict):
+class MatrixOracleConfig(MachineOracleSettings):
     """The ground-truth oracle of the tabular world."""
 
     kind: Literal["matrix"] = "matrix"
@@ -184,7 +194,7 @@ class PromptsConfig(Strict):
     limit_eval: int | None = Field(None, ge=1, description="use only the first N held-out prompts")
 
 
-class TextWorldOracleConfig(Strict):
+class TextWorldOracleConfig(MachineOracleSettings):
     """The synthetic text world's ground truth: annotator groups with intransitive tastes."""
 
     kind: Literal["text_world"] = "text_world"
@@ -208,7 +218,7 @@ class BatchJudgeSettings(Strict):
     suspend_timeout_s: float = Field(3 * 24 * 3600.0, gt=0, description="a deployment's round suspended for its batches fails after this")
 
 
-class LLMJudgeOracleConfig(Strict):
+class LLMJudgeOracleConfig(MachineOracleSettings):
     """An OpenAI-compatible chat model asked which response is better (oracles/llm_judge.py). The key is
     named, never written here: a Prefect Secret block and/or an environment variable of the worker."""
 
@@ -234,6 +244,10 @@ class LLMJudgeOracleConfig(Strict):
     )
     batch: BatchJudgeSettings = Field(BatchJudgeSettings(), description="mode: batch: prices, failures and waiting")
 
+    @property
+    def compares_orders(self) -> bool:
+        return self.both_orders
+
 
 class HumansConfig(Strict):
     """People in Label Studio as the oracle for a share of each round's pairs (the rest go to ``oracle``).
@@ -254,7 +268,7 @@ class HumansConfig(Strict):
     suspend_timeout_s: float = Field(7 * 24 * 3600.0, gt=0, description="a deployment's round suspended for people fails after this")
 
 
-class RewardModelOracleConfig(Strict):
+class RewardModelOracleConfig(MachineOracleSettings):
     """A pretrained Bradley–Terry reward model run here (solvers/judge_models.py): P(a ≻ b) =
     σ((r_a − r_b)/temperature), each response scored once per checkpoint (the store's ``scores`` table).
     Transitive by construction: the baseline that cannot represent A ≻ B ≻ C ≻ A."""
@@ -266,7 +280,7 @@ class RewardModelOracleConfig(Strict):
     device: str = Field("auto", description="'auto': CUDA (bf16) when present, else CPU (fp32)")
 
 
-class PairwiseLMOracleConfig(Strict):
+class PairwiseLMOracleConfig(MachineOracleSettings):
     """A causal LM run here as the LLM judge (solvers/pairwise_lm.py): the judge template with both
     responses, P from the next-token probabilities of the two verdict tokens, both orders averaged."""
 
@@ -278,8 +292,12 @@ class PairwiseLMOracleConfig(Strict):
     share_prefix: bool = Field(True, description="encode the tokens a prompt's conversations share once; false: every sequence whole")
     device: str = Field("auto", description="'auto': CUDA (bf16) when present, else CPU (fp32)")
 
+    @property
+    def compares_orders(self) -> bool:
+        return True
 
-class PairwiseClassifierOracleConfig(Strict):
+
+class PairwiseClassifierOracleConfig(MachineOracleSettings):
     """A pretrained pairwise cross-encoder run here (solvers/judge_models.py): one logit of a ≻ b from
     the prompt and both responses in one text, both orders averaged so P(a ≻ b) = 1 − P(b ≻ a)."""
 
@@ -288,6 +306,10 @@ class PairwiseClassifierOracleConfig(Strict):
     template: str = Field("$prompt\n\n$first\n\n$second", description="how the checkpoint reads a pair: $prompt, $first, $second")
     max_batch_tokens: int = Field(16384, ge=1, description="rows × padded length per forward pass; memory grows with it")
     device: str = Field("auto", description="'auto': CUDA (bf16) when present, else CPU (fp32)")
+
+    @property
+    def compares_orders(self) -> bool:
+        return True
 
 
 LocalJudgeConfig = RewardModelOracleConfig | PairwiseLMOracleConfig | PairwiseClassifierOracleConfig

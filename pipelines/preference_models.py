@@ -144,8 +144,7 @@ def judge_accept(cfg):
     """When people follow, which judge answers are final (the others go on to people)."""
     if not cfg.people:
         return None
-    both_orders = cfg.judge.kind in ("pairwise_lm", "pairwise_classifier") or (cfg.judge.kind == "llm_judge" and cfg.judge.both_orders)
-    return OrdersAgree() if both_orders else Answered()
+    return OrdersAgree() if cfg.judge.compares_orders else Answered()
 
 
 def cascade_oracle_id(config: CampaignConfig, judge_id: str, people_id: str | None) -> str:
