@@ -29,8 +29,8 @@ dataloader) is not counted, while ours counts everything a round does after the 
 
 Measured on SmolLM2-135M-Instruct (fp32, CPU, 1 thread, 2 cores otherwise idle, Dec 2026,
 ``--model <its converted folder> --prompts 8 --steps 2 --repeats 2``): ours 2.45 s per pair (sample 0.59,
-score μ 0.41, update 1.45), TRL 5.04; ``ratio_to_trl`` 0.485 (runs 0.488, 0.482). The same command on
-the same 2 cores at load ~8 (other jobs) gave 21.2 against 31.5 s per pair, 0.665: compare only runs
+score μ 0.41, update 1.45), TRL 5.04; ``ratio_to_trl`` 0.485 (runs 0.488, 0.482). An earlier run on
+the same 2 cores under load ~8 from other jobs gave 21.2 against 31.5 s per pair, 0.665: compare only runs
 made side by side on a quiet machine.
 """
 
