@@ -382,8 +382,12 @@ class CascadeOracleConfig(Strict):
     head_hidden: int | None = Field(None, ge=1, description="a new model's head width (default 64 for 'tiny', 256 for a backbone)")
     max_prompt_tokens: int | None = Field(None, ge=1, description="a new model reads the last this many prompt tokens (default 64 for 'tiny', 256 for a backbone)")
     max_response_tokens: int | None = Field(None, ge=1, description="and the first this many response tokens (same defaults)")
+    first: Annotated[LocalJudgeConfig, Field(discriminator="kind")] | None = Field(
+        None,
+        description="a pretrained local judge (reward_model, pairwise_lm, pairwise_classifier) as the first stage instead of the learned model: it answers when |P − ½| ≥ confidence, and is not retrained; None: the learned model (init, …)",
+    )
     confidence: float = Field(
-        0.2, ge=0.0, le=0.5, description="the learned model's answer is final when |P − ½| ≥ this; higher sends more pairs to the judge: better labels, more cost"
+        0.2, ge=0.0, le=0.5, description="the first stage's answer is final when |P − ½| ≥ this; higher sends more pairs to the judge: better labels, more cost"
     )
     judge: MachineOracleConfig = Field(description="the expensive oracle for the pairs the model is unsure of: llm_judge, a local judge (pairwise_lm, pairwise_classifier, reward_model), or matrix / text_world standing in for one")
     budget: CascadeBudget = Field(CascadeBudget(), description="the judge's per-round budget")
@@ -399,6 +403,10 @@ class CascadeOracleConfig(Strict):
 
     @model_validator(mode="after")
     def _people_settings(self):
+        if self.first is not None:
+            learned = sorted(self.model_fields_set & {"init", "tiny_seed", "head", "pool", "head_hidden", "max_prompt_tokens", "max_response_tokens", "retrain", "train", "batch_size", "device"})
+            if learned:
+                raise ValueError(f"first: a local judge is the first stage, so the learned model's settings ({', '.join(learned)}) have no effect; remove them, or remove first")
         if self.people_pairs is not None and not self.people:
             raise ValueError("people_pairs is a budget for people, but people is false")
         if getattr(self.judge, "mode", "online") == "batch":

@@ -199,8 +199,9 @@ def _pairwise_classifier(cfg, config: CampaignConfig, world: World) -> OracleSpe
 def _cascade(cfg, config: CampaignConfig, world: World) -> OracleSpec:
     judge = oracle_spec(cfg.judge, config, world)
     people = people_spec(config) if cfg.people else None
-    oracle_id = cascade_oracle_id(config, judge.oracle_id, people.oracle_id if people else None)
-    return OracleSpec(oracle_id, lambda: CampaignCascade(config, world, judge=judge, people=people))
+    first = oracle_spec(cfg.first, config, world) if cfg.first is not None else None
+    oracle_id = cascade_oracle_id(config, judge.oracle_id, people.oracle_id if people else None, first.oracle_id if first else None)
+    return OracleSpec(oracle_id, lambda: CampaignCascade(config, world, judge=judge, people=people, first=first))
 
 
 def people_spec(config: CampaignConfig) -> OracleSpec:

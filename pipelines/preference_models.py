@@ -147,13 +147,14 @@ def judge_accept(cfg):
     return OrdersAgree() if cfg.judge.compares_orders else Answered()
 
 
-def cascade_oracle_id(config: CampaignConfig, judge_id: str, people_id: str | None) -> str:
-    """The campaign's cascade id: its rules, its judge and its people (their ids), not its model version
-    (see the module docstring), so the solver reads every round's judgments under it."""
+def cascade_oracle_id(config: CampaignConfig, judge_id: str, people_id: str | None, first_id: str | None = None) -> str:
+    """The campaign's cascade id: its rules, its first stage (a local judge's id, or the learned model
+    but not its version: see the module docstring), its judge and its people (their ids), so the solver
+    reads every round's judgments under it."""
     cfg = config.oracle
     rule = judge_accept(cfg)
     stages = [
-        {"oracle": f"learned: {MODELS}/ of the store, the version in each judgment's detail", "accept": repr(Confident(cfg.confidence))},
+        {"oracle": first_id or f"learned: {MODELS}/ of the store, the version in each judgment's detail", "accept": repr(Confident(cfg.confidence))},
         {"oracle": judge_id, "accept": repr(rule) if rule is not None else None},
     ]
     if cfg.people:
@@ -167,7 +168,7 @@ def cascade_oracle_id(config: CampaignConfig, judge_id: str, people_id: str | No
 @dataclass
 class _Round:
     cascade: Cascade
-    model_round: int  # the round of the preference model that judges
+    model_round: int | None  # the round of the preference model that judges (None: a local judge is the first stage)
     budgets: dict[str, Budget]  # stage name → its budget for this round and phase
 
 
@@ -187,15 +188,18 @@ class CampaignCascade:
     round's pairs are taken one prompt at a time in turn, so a budget covers many prompts rather than
     the first few.
 
-    ``judge`` and ``people`` (None: no people) are oracles not built yet (pipelines/oracle_factory's
-    ``OracleSpec``: an ``oracle_id`` and ``build()``); the judge is built now, people when first asked."""
+    ``judge``, ``people`` (None: no people) and ``first`` (``oracle.first``, a local judge in place of the
+    learned model; None: the learned model) are oracles not built yet (pipelines/oracle_factory's
+    ``OracleSpec``: an ``oracle_id`` and ``build()``); the judge and the first stage are built now,
+    people when first asked."""
 
-    def __init__(self, config: CampaignConfig, world: World, *, judge, people=None, store: Store | None = None):
+    def __init__(self, config: CampaignConfig, world: World, *, judge, people=None, first=None, store: Store | None = None):
         self.config, self.world = config, world
         self.store = store if store is not None else Store(config.store)
         self.judge_oracle = HoldingGpu(judge.build()) if judge.runs_model else judge.build()  # a local judge model holds the slot while it judges
+        self.first_oracle = HoldingGpu(first.build()) if first is not None else None
         self._people_spec = people
-        self.oracle_id = cascade_oracle_id(config, self.judge_oracle.oracle_id, people.oracle_id if people else None)
+        self.oracle_id = cascade_oracle_id(config, self.judge_oracle.oracle_id, people.oracle_id if people else None, first.oracle_id if first else None)
         self._models: dict[int, tuple[LearnedOracle, int]] = {}
         self._phases: dict[tuple[int, str], _Round] = {}
         self._last: tuple[int, str] | None = None
@@ -240,7 +244,8 @@ class CampaignCascade:
                     out[f"cascade/budget_left_pairs/{name}"] = b.pairs - b.spent_pairs
                 if b.usd is not None:
                     out[f"cascade/budget_left_usd/{name}"] = b.usd - b.spent_usd
-            out["cascade/prefmodel_version"] = state.model_round
+            if state.model_round is not None:
+                out["cascade/prefmodel_version"] = state.model_round
         if len(routed) < len(judgments):
             out["cascade/held_out_pairs"] = len(judgments) - len(routed)
         return out
@@ -253,12 +258,16 @@ class CampaignCascade:
         if (round, sampled) in self._phases:
             return self._phases[(round, sampled)]
         cfg = self.config.oracle
-        learned, model_version = self._model(round)
+        if self.first_oracle is not None:
+            first, model_version = Stage(self.first_oracle, accept=Confident(cfg.confidence), name=cfg.first.kind), None
+        else:
+            learned, model_version = self._model(round)
+            first = Stage(HoldingGpu(learned), accept=Confident(cfg.confidence), name="learned")  # the judge and people run without the slot
         n, k = len(self.config.solver.entry.phases), int(sampled == version(round, "midpoint"))
         budgets = {"judge": _share(cfg.budget.pairs, cfg.budget.usd, cfg.budget.usd_per_pair, k, n)}
         over_budget = "pass_on" if cfg.people else "stop"  # people take the judge's overflow
         stages = [
-            Stage(HoldingGpu(learned), accept=Confident(cfg.confidence), name="learned"),  # the judge and people run without the slot
+            first,
             Stage(self.judge_oracle, accept=judge_accept(cfg), budget=budgets["judge"], name="judge", over_budget=over_budget),
         ]
         if cfg.people:
@@ -317,7 +326,7 @@ class CampaignCascade:
 
     def _stored_form(self, j: Judgment, state: _Round) -> Judgment:
         """Name the model version; turn 'past a budget' and 'sent to people' into stored non-answers."""
-        detail = {**j.detail, "prefmodel": model_dir(state.model_round)}
+        detail = {**j.detail, **({"prefmodel": model_dir(state.model_round)} if state.model_round is not None else {})}
         if j.skipped and ("pending" in detail or any(step.get("over_budget") for step in detail.get("route", []))):
             detail["not_judged"] = "people" if "pending" in detail else "budget"
             return replace(j, skipped=False, p_a=None, n_votes=0, detail=detail)

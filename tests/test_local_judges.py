@@ -8,6 +8,8 @@ never computed again.
 
 from __future__ import annotations
 
+import os
+
 import math
 
 import pytest
@@ -284,3 +286,31 @@ def test_bad_local_judge_settings_are_refused_naming_the_field(tmp_path):
         campaign(tmp_path, {"kind": "pairwise_lm", "model": "m", "temperature": 1.0})
     with pytest.raises(ConfigError, match="oracle.reward_model.temperature: Input should be greater than 0"):
         campaign(tmp_path, {"kind": "reward_model", "model": "m", "temperature": 0})
+
+
+@pytest.mark.slow
+def test_a_local_judge_is_the_first_stage_of_a_cascade_campaign(saved_judges, tmp_path, prefect_harness):
+    """oracle.first: a reward model answers the pairs it is sure of, the judge (text_world here) the rest;
+    no learned model is written to the store."""
+    from pipelines import flows
+    from pipelines.config import ConfigError
+    from pipelines.oracle_factory import campaign_oracle_ids, oracle_spec
+    from pipelines.world import World
+
+    # a random reward model's rewards differ by ~1e-4: a small temperature makes it sure of some pairs
+    first = {"kind": "reward_model", "model": str(saved_judges / "clf"), "temperature": 1e-4, "device": "cpu"}
+    config = campaign(tmp_path, {"kind": "cascade", "first": first, "confidence": 0.15, "judge": {"kind": "text_world"}},
+                      policy={"kind": "causal_lm", "model": "tiny", "max_new_tokens": 8}, sampling={"samples_per_prompt": 3}, evaluation={"samples_per_prompt": 2})  # fmt: skip
+    flows.alignment_campaign(config)
+    store = Store(config.store)
+    world = World(config)
+    (cascade_id,) = campaign_oracle_ids(config, world)
+    first_id = oracle_spec(config.oracle.first, config, world).oracle_id
+    judged = store.read("comparisons", rounds=[1]).query("oracle_id == @cascade_id and p_a.notna()")
+    stages = judged.groupby("stage")["answered_by"].unique().to_dict()
+    assert set(stages) == {"reward_model", "judge"}, stages  # the reward model was sure of some pairs, not all
+    assert list(stages["reward_model"]) == [first_id] and all(a.startswith("text_world:") for a in stages["judge"])
+    assert judged["model_version"].isna().all() and not os.path.exists(store.local_path("preference_models"))
+
+    with pytest.raises(ConfigError, match=r"first: a local judge is the first stage, so the learned model's settings \(init, retrain\) have no effect"):
+        campaign(tmp_path, {"kind": "cascade", "first": first, "init": "tiny", "retrain": True, "judge": {"kind": "text_world"}})
