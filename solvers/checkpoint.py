@@ -127,15 +127,14 @@ def save_step(directory: str | os.PathLike, run, tokenizer) -> Path:
     """The checkpoint of a training run after ``run.step`` optimizer steps (rank 0 writes, the others
     wait), then prune to ``run.config.keep_checkpoints``. ``run`` has: module, optimizer, scheduler,
     step, history, fingerprint (of its examples and config), rank, world, config; and ``fsdp`` when its
-    module is sharded: then every rank gathers the weights to rank 0 and writes its part of AdamW's
-    state into a staged folder that rank 0 moves into the checkpoint."""
+    module is sharded: then every rank gathers the weights to rank 0 (``adapter``: a LoRA model's
+    adapter alone) and writes its part of AdamW's state into a staged folder that rank 0 moves into the
+    checkpoint."""
     path = step_checkpoint(directory, run.step)
     fsdp = getattr(run, "fsdp", False)
     weights, staged = None, Path(directory) / f".{path.name}.optimizer"
     if fsdp:
-        from solvers.lora import is_lora  # solvers.lora imports this module
-
-        weights = sharding.full_model_state(run.module, trainable_only=is_lora(run.module))
+        weights = sharding.full_model_state(run.module, trainable_only=getattr(run, "adapter", False))
         if run.rank == 0:
             shutil.rmtree(staged, ignore_errors=True)  # a leftover of a killed save
         sharding.barrier(run.world)

@@ -199,12 +199,11 @@ def update(
     started = time.perf_counter()
     try:
         # a LoRA model's step checkpoints hold its adapter alone (the tokenizer and base weights never change)
-        adapter = lora.is_lora(state.module)
         if state.fsdp:  # every rank reads the whole checkpoint and keeps its shard
-            load = lambda module, path: sharding.load_full_model_state(module, lora.model_state(module, path) if adapter else ckpt.read_weights(path))  # noqa: E731
+            load = lambda module, path: sharding.load_full_model_state(module, lora.model_state(module, path) if state.adapter else ckpt.read_weights(path))  # noqa: E731
         else:
-            load = lora.load_weights if adapter else None
-        last, ran = run_steps(state, train_step, None if adapter else state.policy.tokenizer, checkpoint_dir=checkpoint_dir, on_step=on_step, load=load)
+            load = lora.load_weights if state.adapter else None
+        last, ran = run_steps(state, train_step, None if state.adapter else state.policy.tokenizer, checkpoint_dir=checkpoint_dir, on_step=on_step, load=load)
     finally:
         finish_update(state)
     tokens = sum(h["perf/tokens_per_s"] * h["perf/step_s"] for h in ran)
@@ -237,6 +236,7 @@ class UpdateState:
     fingerprint: str = ""  # identifies the update (examples + config) for resuming
     was_training: bool = False
     fsdp: bool = False  # the module's parameters are sharded over the processes (FSDP2)
+    adapter: bool = False  # the module is a LoRA model: its checkpoints hold the adapter alone
 
 
 def start_update(policy: CausalLMPolicy | tuple, examples: Sequence[Example], config: TrainerConfig, *, optimizer_state: dict | None = None) -> UpdateState:
@@ -266,7 +266,7 @@ def start_update(policy: CausalLMPolicy | tuple, examples: Sequence[Example], co
     if fsdp and optimizer_state is not None:
         sharding.load_full_optimizer_state(module, optimizer, optimizer_state)
     fingerprint = config.fingerprint(world, *((e.id, e.prompt, e.y, e.y_other, e.p_hat, e.p_hat_other, e.ref_logp, e.prev_logp, e.older_logp, e.finished, e.tokens) for e in examples))
-    return UpdateState(config, policy, module, model, optimizer, scheduler, data, plan, device, autocast, rank, world, fingerprint=fingerprint, was_training=was_training, fsdp=fsdp)
+    return UpdateState(config, policy, module, model, optimizer, scheduler, data, plan, device, autocast, rank, world, fingerprint=fingerprint, was_training=was_training, fsdp=fsdp, adapter=lora.is_lora(module))
 
 
 def train_step(state: UpdateState, batch: list[int]) -> dict[str, float]:

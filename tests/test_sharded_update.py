@@ -70,12 +70,12 @@ def anchor_optimizer_state(policy) -> dict:
 @pytest.mark.parametrize("how,adapter", [("ddp", False), ("fsdp", False), ("ddp", True), ("fsdp", True)], ids=["ddp", "fsdp", "ddp-lora", "fsdp-lora"])
 def test_two_processes_follow_the_one_process_update(tmp_path, how, adapter):
     """2 processes × micro 2 × accum 1 against 1 process × micro 2 × accum 2 (the same global batch of
-    4), from an anchor with AdamW moments. FSDP also checkpoints its activations (recomputed in backward)
-    and writes sharded step checkpoints. With LoRA the anchor is an adapter on its base, and the
+    4), from an anchor with AdamW moments. FSDP also compiles the forward (torch.compile), checkpoints
+    its activations (recomputed in backward) and writes sharded step checkpoints. With LoRA the anchor is an adapter on its base, and the
     processes train and save the adapter alone."""
     policy = tiny_policy(seed=0)
     examples = make_examples(policy)
-    extra = {"gradient_checkpointing": True, "checkpoint_every": 2} if how == "fsdp" else {}
+    extra = {"gradient_checkpointing": True, "compile": True, "checkpoint_every": 2} if how == "fsdp" else {}
     job, lines = launch(tmp_path, job_config(grad_accum=1, sharding=how, **extra), examples, adapter=adapter)
 
     if adapter:
