@@ -62,7 +62,7 @@ def save_checkpoint(
     marks.unmark(store, name)  # replacing: not complete until the new manifest is written
     partial = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
-        model.save_pretrained(partial, state_dict=state_dict)
+        model.save_pretrained(partial, **({} if state_dict is None else {"state_dict": state_dict}))  # a preference model takes none
         if tokenizer is not None:
             tokenizer.save_pretrained(partial)
         for inside, folder in (move_in or {}).items():
