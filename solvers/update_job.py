@@ -3,11 +3,13 @@
     python -m torch.distributed.run --standalone --nproc-per-node N -m solvers.update_job JOB
 
 ``JOB`` is a folder that :func:`write_job` fills: ``job.json`` (the trainer's config, the policy's
-config, the anchor checkpoint to start from, where the step checkpoints go) and ``examples.jsonl``
+config, the anchor checkpoint to start from and, for a LoRA adapter, its base, the LoRA settings,
+where the step checkpoints go) and ``examples.jsonl``
 (one ``trainer.Example`` per line). Every rank reads them and runs ``trainer.update`` (DDP or FSDP2,
 ``TrainerConfig.sharding``); a retried launch with the same job resumes from the last step checkpoint.
-Rank 0 alone writes the new policy into ``JOB/result/`` (a complete checkpoint: weights gathered whole,
-tokenizer, AdamW's state in the single-process format; written atomically, manifest last) and the
+Rank 0 alone writes the new policy into ``JOB/result/`` (a complete checkpoint: weights gathered whole
+and the tokenizer, or a LoRA adapter alone; AdamW's state in the single-process format; written
+atomically, manifest last) and the
 update's metrics into ``JOB/metrics.json``. A rank that fails writes its error, one line, to
 ``JOB/errors/rank-<r>.txt`` before it exits, so the launcher can say which rank failed and why.
 
