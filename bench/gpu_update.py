@@ -26,6 +26,22 @@ Measured on one H100 80GB HBM3 (torch 2.11, transformers 5.17), 16 sequences of 
 
     MFU = 6 · N · tokens_per_s / peak
 
+Measured on one H200 (torch 2.11, transformers 5.17, Dec 2026), compiled, 1 micro-batch per step:
+
+    | update           | micro-batch | tokens/s | MFU   | peak memory |
+    | full             | 8 pairs     | 62,500   | 0.392 | 44.5 GB     |
+    | full             | 16 pairs    | 64,900   | 0.407 | 73.5 GB     |
+    | LoRA r16         | 8 pairs     | 66,900   | 0.285 | 37.3 GB     |
+    | LoRA r16, eager  | 8 pairs     | 42,600   | 0.181 | 43.2 GB     |
+
+    python bench/gpu_update.py --pairs 16 --grad-accum 1          (and --pairs 8; --lora; --lora --no-compile)
+
+The goal of MFU ≥ 0.45 for the compiled 1B update is not met (0.407 at best). LoRA costs ~4·N per token
+against 6·N yet runs only 1.07× faster: the adapter's small products and their elementwise work do not
+fuse into the frozen matrix products. Compiling the LoRA model takes ~80 s of warm-up (55 s full).
+``--fit`` on the H200 (eager, 1 pair of 1024-token sequences): full fine-tuning fits up to the 8B shape
+(8.0B parameters, 129.5 GB peak), LoRA up to the 13B shape (12.4B, 94.2 GB).
+
 N counts the parameters that do matrix products (all but the input embedding, a lookup); attention's
 own FLOPs (4–9% more at 1024 tokens, causal or not) are not counted, while the output layer runs only at
 response positions (897 of 1024, ~1% of the count): the figure errs low. The peak is the GPU's dense
