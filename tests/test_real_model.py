@@ -8,6 +8,7 @@ import json
 import sys
 
 import pytest
+import torch
 
 from data import Store
 from data.prompts import chat_text
@@ -33,6 +34,18 @@ def test_the_gguf_file_becomes_a_plain_v0_folder_once(smollm2, monkeypatch):
     monkeypatch.setitem(sys.modules, "gguf", None)
     policy = CausalLMPolicy.load(smollm2.v0, CausalLMConfig(device="cpu", dtype="float32"))
     assert policy.model.config.num_hidden_layers == 30 and policy.chat
+
+
+def test_another_load_of_the_gguf_file_reads_the_converted_folder_from_the_cache(smollm2, monkeypatch):
+    from solvers.causal_lm import load_model
+
+    cached = list((model_sources.cache_dir() / "gguf").iterdir())  # the fixture's conversion (tests/conftest.py sets the cache)
+    assert [p.name.startswith("SmolLM2-135M-Instruct.Q4_1-") for p in cached] == [True], cached
+    monkeypatch.setattr(model_sources, "load_gguf", lambda *a, **k: pytest.fail("dequantized the GGUF file again"))
+    model, tokenizer = load_model(smollm2.config.policy.model, device="cpu", dtype="float32")
+    reference = CausalLMPolicy.load(smollm2.v0, CausalLMConfig(device="cpu", dtype="float32")).model
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
+    assert tokenizer.chat_template
 
 
 def test_the_converted_model_answers_plain_and_chat_prompts(smollm2):
