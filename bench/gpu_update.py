@@ -37,8 +37,9 @@ Measured on one H200 (torch 2.11, transformers 5.17, Dec 2026), compiled, 1 micr
     python bench/gpu_update.py --pairs 16 --grad-accum 1          (and --pairs 8; --lora; --lora --no-compile)
 
 The goal of MFU ≥ 0.45 for the compiled 1B update is not met (0.407 at best). LoRA costs ~4·N per token
-against 6·N yet runs only 1.07× faster: the adapter's small products and their elementwise work do not
-fuse into the frozen matrix products. Compiling the LoRA model takes ~80 s of warm-up (55 s full).
+against 6·N yet runs only 1.07× faster (not profiled; the likely cost is the adapter's small products
+and their elementwise work, which do not fuse into the frozen matrix products). ``setup_and_warmup_s`` (build, compilation, warm-up steps): 81 s with
+LoRA, 55 s full.
 ``--fit`` on the H200 (eager, 1 pair of 1024-token sequences): full fine-tuning fits up to the 8B shape
 (8.0B parameters, 129.5 GB peak), LoRA up to the 13B shape (12.4B, 94.2 GB).
 

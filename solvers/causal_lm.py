@@ -380,7 +380,7 @@ def load_model(source: str | os.PathLike, *, device: str = "auto", dtype: str = 
             try:
                 local = model_sources.converted(local, dtype=torch_dtype)
                 source = str(local)
-            except OSError as e:  # the cache cannot be written: dequantize into memory, as every load will
+            except model_sources.CacheUnwritable as e:  # dequantize into memory, as every load will
                 warnings.warn(f"cannot keep the converted {source} in {model_sources.cache_dir()} ({e}); set NASHFLOW_CACHE to a writable folder")
                 model, tokenizer = model_sources.load_gguf(local, dtype=torch_dtype)
                 return model.to(device).eval(), tokenizer

@@ -16,15 +16,14 @@ import importlib.metadata
 import io
 import os
 import re
-import shutil
 import sys
-import uuid
 from contextlib import contextmanager, redirect_stderr
 from pathlib import Path
 
 import torch
 
 from data.keys import stable_hash
+from solvers import checkpoint
 
 # name in a config → (the distribution that ships it, the .gguf file in it, how to install it)
 PACKAGED = {
@@ -66,39 +65,39 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "nashflow"
 
 
+class CacheUnwritable(OSError):
+    """The converted-model cache cannot be written (the caller may dequantize into memory instead)."""
+
+
 def converted(path: str | Path, *, dtype: torch.dtype = torch.float32) -> Path:
-    """The plain safetensors folder (model and tokenizer) of a .gguf file, dequantized on the first call
-    and kept in ``cache_dir()``. The cache key is the file's path, size and modification time and the
-    dtype, so a replaced file converts again. The folder appears whole or not at all (written beside it,
-    then renamed); raises OSError when the cache cannot be written."""
+    """The plain model folder (model and tokenizer) of a .gguf file, dequantized on the first call and
+    kept in ``cache_dir()`` as a checkpoint (solvers/checkpoint.py: whole or absent). The cache key is
+    the file's path, size and modification time and the dtype, so a replaced file converts again."""
     path = Path(path).expanduser().resolve()
     if not path.is_file():
         raise ModelSourceError(f"GGUF file {path} does not exist")
     stat = path.stat()
     folder = cache_dir() / "gguf" / f"{path.stem}-{stable_hash(path, stat.st_size, stat.st_mtime_ns, dtype)}"
-    if (folder / "config.json").is_file():
+    if checkpoint.is_complete(folder):
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)  # an unwritable cache fails here, before the minutes of work
-    model, tokenizer = load_gguf(path, dtype=dtype)
-    partial = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}.partial")
     try:
-        model.save_pretrained(partial)
-        tokenizer.save_pretrained(partial)
-        os.rename(partial, folder)
-    except OSError:
-        shutil.rmtree(partial, ignore_errors=True)
-        if not (folder / "config.json").is_file():  # else another process converted it first
-            raise
+        folder.parent.mkdir(parents=True, exist_ok=True)  # fails here, before the dequantization
+    except OSError as e:
+        raise CacheUnwritable(str(e)) from e
+    model, tokenizer = load_gguf(path, dtype=dtype)
+    try:
+        checkpoint.save_checkpoint(folder, model, tokenizer, overwrite=True)  # an incomplete leftover is replaced
+    except OSError as e:
+        if not checkpoint.is_complete(folder):  # else another process converted it meanwhile
+            raise CacheUnwritable(str(e)) from e
     return folder
 
 
 def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) from a .gguf file: dequantized into a plain, savable model."""
+    """(model, tokenizer) from an existing .gguf file: dequantized into a plain, savable model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise ModelSourceError(f"GGUF file {path} does not exist")
     for needed in ("gguf", "accelerate"):
         try:
             importlib.metadata.version(needed)

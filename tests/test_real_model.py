@@ -39,7 +39,7 @@ def test_the_gguf_file_becomes_a_plain_v0_folder_once(smollm2, monkeypatch):
 def test_another_load_of_the_gguf_file_reads_the_converted_folder_from_the_cache(smollm2, monkeypatch):
     from solvers.causal_lm import load_model
 
-    cached = list((model_sources.cache_dir() / "gguf").iterdir())  # the fixture's conversion (tests/conftest.py sets the cache)
+    cached = [p for p in (model_sources.cache_dir() / "gguf").iterdir() if p.is_dir()]  # the fixture's conversion (tests/conftest.py sets the cache)
     assert [p.name.startswith("SmolLM2-135M-Instruct.Q4_1-") for p in cached] == [True], cached
     monkeypatch.setattr(model_sources, "load_gguf", lambda *a, **k: pytest.fail("dequantized the GGUF file again"))
     model, tokenizer = load_model(smollm2.config.policy.model, device="cpu", dtype="float32")
